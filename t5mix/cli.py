@@ -1,0 +1,248 @@
+"""The `t5mix` command line.
+
+Every command takes the user's own definitions with `--tasks-dir DIR_OR_FILE` (YAML) and
+`--module NAME_OR_FILE.py` (Python), repeatable, on top of the built-in ones. A problem with the
+user's input prints `t5mix: error: <one line>` and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before TensorFlow is imported
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+  group = parser.add_argument_group("definitions")
+  group.add_argument("--tasks-dir", action="append", default=[], metavar="PATH",
+                     help="YAML file or directory of task/mixture definitions (repeatable)")
+  group.add_argument("--module", action="append", default=[], metavar="NAME",
+                     help="Python module (dotted name or .py file) that registers tasks (repeatable)")
+  group.add_argument("--vocab", metavar="PATH",
+                     help="vocabulary of tasks that name none: a SentencePiece .model, 'byte' or "
+                          "'demo' (default: $T5MIX_VOCAB or byte)")
+  group.add_argument("--tfds-data-dir", metavar="DIR",
+                     help="where TFDS datasets are prepared (default: $TFDS_DATA_DIR or ~/tensorflow_datasets)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog="t5mix", description="Multitask T5 training with temperature-based dataset mixing.")
+  sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+  p = sub.add_parser("tasks", help="list registered tasks and mixtures",
+                     description="List tasks (name, kind, source, splits with sizes, metrics) and mixtures.")
+  p.add_argument("--no-counts", action="store_true", help="do not read data to count examples")
+  _common(p)
+
+  p = sub.add_parser("show", help="print examples of a task, or the rate table of a mixture",
+                     description="For a task: the first N examples as inputs -> targets with token "
+                                 "lengths. For a mixture: each task's examples, capped examples, "
+                                 "rate and expected examples per 1,000 sampled.")
+  p.add_argument("name", help="task or mixture name")
+  p.add_argument("--split", default="train", help="split to show (default: train)")
+  p.add_argument("-n", type=int, default=5, help="number of examples (default: 5)")
+  p.add_argument("--plot", metavar="FILE.png", help="mixture: also write a bar chart of the rates")
+  p.add_argument("--inputs-length", type=int, default=128,
+                 help="span-corruption tasks: inputs length that sets the chunk size (default: 128)")
+  _common(p)
+
+  p = sub.add_parser("vocab", help="vocabulary tools")
+  vsub = p.add_subparsers(dest="vocab_command", metavar="COMMAND", required=True)
+  v = vsub.add_parser("train", help="train a SentencePiece vocabulary on the text of tasks",
+                      description="Train a SentencePiece model (pad 0, EOS 1, UNK 2; seqio adds "
+                                  "T5's 100 sentinels) on the inputs and targets of a task or mixture.")
+  v.add_argument("--mixture", "--task", dest="name", required=True, help="task or mixture name")
+  v.add_argument("--out", required=True, help="output .model file")
+  v.add_argument("--vocab-size", type=int, default=8000, help="pieces, sentinels excluded (default: 8000)")
+  v.add_argument("--split", default="train")
+  v.add_argument("--model-type", default="unigram", choices=["unigram", "bpe"])
+  _common(v)
+  return parser
+
+
+def _load_definitions(args) -> None:
+  from t5mix import definitions, registry
+  if args.tfds_data_dir:
+    registry.TFDS_DATA_DIR = args.tfds_data_dir
+  if args.vocab:
+    registry.DEFAULT_VOCABULARY = os.path.abspath(args.vocab) if args.vocab not in (
+        "byte", "demo") else args.vocab
+  definitions.load(args.tasks_dir, args.module)
+
+
+def _import_quietly() -> None:
+  """Imports TensorFlow and JAX with C++ start-up chatter (oneDNN, CUDA stubs) silenced."""
+  saved = os.dup(2)
+  devnull = os.open(os.devnull, os.O_WRONLY)
+  try:
+    sys.stderr.flush()
+    os.dup2(devnull, 2)
+    import tensorflow  # noqa: F401
+    import seqio  # noqa: F401
+  finally:
+    os.dup2(saved, 2)
+    os.close(devnull)
+    os.close(saved)
+
+
+def main(argv: list[str] | None = None) -> int:
+  args = build_parser().parse_args(argv)
+  _import_quietly()
+  from absl import logging as absl_logging
+  absl_logging.set_verbosity(absl_logging.ERROR)
+  from t5mix.errors import UserError
+  try:
+    _load_definitions(args)
+    return COMMANDS[args.command](args) or 0
+  except UserError as e:
+    print(f"t5mix: error: {e}", file=sys.stderr)
+    return 2
+  except KeyboardInterrupt:
+    print("t5mix: interrupted", file=sys.stderr)
+    return 130
+
+
+def cmd_tasks(args) -> int:
+  import seqio
+  from t5mix import mixing
+  from t5mix.errors import UserError
+
+  rows = []
+  for name in sorted(seqio.TaskRegistry.names()):
+    task = seqio.TaskRegistry.get(name)
+    spec = getattr(task, "t5mix_spec", None)
+    splits = []
+    for split in task.splits:
+      count = "?"
+      if not args.no_counts:
+        try:
+          n = task.num_input_examples(split)
+          count = f"{n:,}" if n is not None else "?"
+        except UserError as e:
+          count = "not prepared" if "not prepared" in str(e) else "error"
+      splits.append(f"{split}={count}")
+    metrics = ",".join(f.__name__ for f in task.metric_fns) or "-"
+    rows.append((name, spec.kind if spec else "seqio", spec.source_description if spec else
+                 type(task.source).__name__, " ".join(splits), metrics))
+  _print_table(("task", "kind", "source", "splits", "metrics"), rows)
+  print()
+  rows = []
+  for name in sorted(seqio.MixtureRegistry.names()):
+    mixture = seqio.MixtureRegistry.get(name)
+    spec = getattr(mixture, "t5mix_spec", None)
+    rate = spec.rate if spec else "seqio"
+    if spec and spec.rate == "temperature":
+      rate += f" T={spec.temperature:g}"
+    if spec and spec.maximum:
+      rate += f" K={spec.maximum:,}"
+    entries = [e if isinstance(e, str) else e["name"] for e in spec.tasks] if spec else [
+        t.name for t in mixture.tasks]
+    rows.append((name, rate, ", ".join(entries)))
+  _print_table(("mixture", "rate", "tasks"), rows)
+  del mixing
+  return 0
+
+
+def cmd_show(args) -> int:
+  import seqio
+  from t5mix import registry
+  provider = registry.get_task_or_mixture(args.name)
+  if isinstance(provider, seqio.Mixture):
+    return _show_mixture(provider, args)
+  return _show_task(provider, args)
+
+
+def _show_task(task, args) -> int:
+  from t5mix.errors import UserError
+  from t5mix.vocab import check_vocabulary
+  if args.split not in task.splits:
+    raise UserError(f"task {task.name!r} has no split {args.split!r}; it has {', '.join(task.splits)}")
+  vocab = task.output_features["targets"].vocabulary
+  check_vocabulary(vocab)
+  lengths = None
+  spec = getattr(task, "t5mix_spec", None)
+  if spec is not None and spec.kind == "text":  # span corruption needs lengths to chunk text
+    from t5mix.span_corruption import random_spans_helper
+    lengths = {"inputs": args.inputs_length,
+               "targets": random_spans_helper(args.inputs_length, spec.noise_density,
+                                              spec.mean_noise_span_length)[1]}
+  ds = task.get_dataset(lengths, split=args.split, shuffle=False, seed=0)
+  for i, ex in enumerate(ds.take(args.n).as_numpy_iterator()):
+    inputs, targets = ex["inputs"], ex["targets"]
+    print(f"[{i}] inputs ({len(inputs)} tokens): {vocab.decode(inputs.tolist())}")
+    print(f"    targets ({len(targets)} tokens): {vocab.decode(targets.tolist())}")
+  return 0
+
+
+def _show_mixture(mixture, args) -> int:
+  from t5mix import mixing
+  rows = mixing.rate_table(mixture)
+  spec = getattr(mixture, "t5mix_spec", None)
+  if spec:
+    how = spec.rate + (f", T={spec.temperature:g}" if spec.rate == "temperature" else "")
+    how += f", K={spec.maximum:,}" if spec.maximum else ""
+    print(f"mixture {mixture.name}: {how}")
+  fmt = lambda n: f"{n:,}" if n is not None else "?"  # noqa: E731
+  _print_table(("task", "examples", "capped", "rate %", "per 1,000"),
+               [(r.task, fmt(r.examples), fmt(r.capped), f"{100 * r.rate:.2f}", f"{r.per_1000:.1f}")
+                for r in rows], right=(1, 2, 3, 4))
+  if args.plot:
+    _plot_rates(mixture.name, rows, args.plot)
+    print(f"wrote {args.plot}")
+  return 0
+
+
+def _plot_rates(name, rows, path) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(7, 0.5 * len(rows) + 1.5))
+  ax.barh([r.task for r in rows][::-1], [100 * r.rate for r in rows][::-1], color="tab:blue")
+  for i, r in enumerate(rows[::-1]):
+    ax.text(100 * r.rate, i, f" {100 * r.rate:.1f}%", va="center")
+  ax.set_xlabel("share of sampled examples (%)")
+  ax.set_title(f"mixture {name}")
+  ax.set_xlim(0, max(100 * r.rate for r in rows) * 1.2)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def cmd_vocab(args) -> int:
+  from t5mix import input_pipeline, registry, vocab
+  from t5mix.errors import UserError
+
+  def texts():
+    for task in input_pipeline.leaf_tasks(args.name):
+      spec = getattr(task, "t5mix_spec", None)
+      if spec is None or spec.tfds and spec.kind == "text":
+        raise UserError(f"task {task.name!r}: vocab train reads t5mix file/TFDS tasks only")
+      if args.split not in spec.splits:
+        continue
+      for ex in registry.examples(spec, args.split):
+        yield ex["inputs"]
+        yield ex["targets"]
+
+  path = vocab.train_sentencepiece(texts(), args.out, args.vocab_size, args.model_type)
+  print(f"wrote {path} ({args.vocab_size} pieces + {vocab.EXTRA_IDS} sentinels)")
+  return 0
+
+
+def _print_table(header, rows, right=()) -> None:
+  widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+  def line(cells):
+    return "  ".join(str(c).rjust(w) if i in right else str(c).ljust(w)
+                     for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+  print(line(header))
+  print("  ".join("-" * w for w in widths))
+  for row in rows:
+    print(line(row))
+
+
+COMMANDS = {"tasks": cmd_tasks, "show": cmd_show, "vocab": cmd_vocab}
+
+if __name__ == "__main__":
+  sys.exit(main())

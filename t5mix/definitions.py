@@ -1,0 +1,162 @@
+"""Loading task and mixture definitions: YAML files and Python modules.
+
+Built-in definitions live in the project's `tasks/` and `mixtures/` directories; users add their
+own without editing t5mix, by `--tasks-dir DIR_OR_FILE` (YAML) or `--module NAME_OR_FILE.py`.
+
+A definitions YAML file holds any of these top-level keys:
+
+    vocabulary: spm.model      # default vocabulary of the tasks below ("demo", "byte" or a path)
+    tasks:    [ {name: ..., kind: ..., ...}, ... ]      # see registry.TaskSpec
+    mixtures: [ {name: ..., tasks: [...], ...}, ... ]   # see mixing.MixtureSpec
+
+Relative paths inside a file resolve against that file's directory. YAML is read with
+`yaml.safe_load`, which cannot run code.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib
+import importlib.util
+import os
+import sys
+
+import yaml
+
+from t5mix import mixing, registry
+from t5mix.errors import UserError
+
+PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BUILTIN_DIRS = (os.path.join(PROJECT_ROOT, "tasks"), os.path.join(PROJECT_ROOT, "mixtures"))
+FILE_KEYS = ("vocabulary", "tasks", "mixtures")
+
+_loaded: set[str] = set()
+
+
+def read_yaml(path: str):
+  if not os.path.exists(path):
+    raise UserError(f"{path}: file does not exist")
+  try:
+    with open(path, encoding="utf-8-sig") as f:
+      return yaml.safe_load(f)
+  except yaml.YAMLError as e:
+    mark = getattr(e, "problem_mark", None)
+    line = f":{mark.line + 1}" if mark else ""
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    raise UserError(f"{path}{line}: invalid YAML ({problem})") from None
+  except UnicodeDecodeError:
+    raise UserError(f"{path}: not valid UTF-8") from None
+
+
+def _parse_file(path: str) -> tuple[list[registry.TaskSpec], list[mixing.MixtureSpec]]:
+  doc = read_yaml(path)
+  if doc is None:
+    return [], []
+  if not isinstance(doc, dict):
+    raise UserError(f"{path}: expected a mapping with keys {', '.join(FILE_KEYS)}")
+  for key in doc:
+    if key not in FILE_KEYS:
+      raise UserError(f"{path}: unknown top-level key {key!r}; expected {', '.join(FILE_KEYS)}")
+  base_dir = os.path.dirname(os.path.abspath(path))
+  tasks, mixtures = [], []
+  for kind, items in (("tasks", doc.get("tasks")), ("mixtures", doc.get("mixtures"))):
+    if items is None:
+      continue
+    if not isinstance(items, list):
+      raise UserError(f"{path}: key {kind!r} must be a list")
+    for i, item in enumerate(items):
+      origin = f"{path}: {kind}[{i}]"
+      if kind == "tasks":
+        if isinstance(item, dict) and "vocabulary" not in item and doc.get("vocabulary"):
+          item = {**item, "vocabulary": doc["vocabulary"]}
+        tasks.append(registry.TaskSpec.from_dict(item, origin=origin, base_dir=base_dir))
+      else:
+        mixtures.append(mixing.MixtureSpec.from_dict(item, origin=origin))
+  return tasks, mixtures
+
+
+def _import_module(name_or_path: str) -> None:
+  """Imports a user module by dotted name (from the working directory too) or .py path."""
+  try:
+    if name_or_path.endswith(".py"):
+      if not os.path.exists(name_or_path):
+        raise UserError(f"{name_or_path}: module file does not exist")
+      mod_name = "t5mix_user_" + os.path.splitext(os.path.basename(name_or_path))[0]
+      spec = importlib.util.spec_from_file_location(mod_name, name_or_path)
+      module = importlib.util.module_from_spec(spec)
+      sys.modules[mod_name] = module
+      spec.loader.exec_module(module)
+    else:
+      if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+      importlib.import_module(name_or_path)
+  except UserError:
+    raise
+  except ModuleNotFoundError as e:
+    raise UserError(f"--module {name_or_path}: cannot import ({e})") from None
+  except SyntaxError as e:
+    raise UserError(f"{e.filename}:{e.lineno}: syntax error in module ({e.msg})") from None
+
+
+def _expand(path: str) -> tuple[list[str], list[str]]:
+  """(yaml files, python files) of a file or directory."""
+  if os.path.isdir(path):
+    yamls = sorted(glob.glob(os.path.join(path, "*.yaml")) + glob.glob(os.path.join(path, "*.yml")))
+    pys = sorted(p for p in glob.glob(os.path.join(path, "*.py"))
+                 if not os.path.basename(p).startswith("_"))
+    return yamls, pys
+  if not os.path.exists(path):
+    raise UserError(f"{path}: no such file or directory")
+  return ([path], []) if not path.endswith(".py") else ([], [path])
+
+
+def load(paths: list[str] = (), modules: list[str] = (), builtin: bool = True) -> None:
+  """Registers the built-in definitions (once) and those of `paths` and `modules`."""
+  all_paths = (list(BUILTIN_DIRS) if builtin else []) + list(paths)
+  yamls, pys = [], []
+  for path in all_paths:
+    key = os.path.abspath(path)
+    if key in _loaded:
+      continue
+    _loaded.add(key)
+    y, p = _expand(path)
+    yamls += y
+    pys += p
+  task_specs, mixture_specs = [], []
+  for path in yamls:
+    t, m = _parse_file(path)
+    task_specs += t
+    mixture_specs += m
+  for spec in task_specs:
+    registry.add_task(spec=spec)
+  for path in pys:
+    _import_module(path)
+  for name in modules:
+    if name not in _loaded:
+      _loaded.add(name)
+      _import_module(name)
+  _add_mixtures(mixture_specs)
+
+
+def _add_mixtures(specs: list[mixing.MixtureSpec]) -> None:
+  by_name = {}
+  for spec in specs:
+    if spec.name in by_name:
+      raise UserError(f"{spec.origin}: mixture {spec.name!r} is already defined "
+                      f"in {by_name[spec.name].origin}")
+    by_name[spec.name] = spec
+  mixing.check_no_cycles(by_name)
+  done: set[str] = set()
+
+  def add(name):  # children first, so a mixture may name one defined later in the files
+    if name in done:
+      return
+    for entry in by_name[name].tasks:
+      child = entry if isinstance(entry, str) else entry["name"]
+      if child in by_name:
+        add(child)
+    mixing.add_mixture(by_name[name])
+    done.add(name)
+
+  for name in by_name:
+    add(name)

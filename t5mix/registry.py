@@ -1,0 +1,473 @@
+"""The task registry: datasets of three kinds turned into text-to-text seqio Tasks.
+
+A task is a seqio.Task (source → preprocessors → output features, postprocess_fn, metric_fns).
+t5mix adds one thing seqio lacks: a declarative *task spec* (a YAML mapping or keyword
+arguments) that names a kind, where the data is, and how to phrase it:
+
+  kind            input text (template)                         target text
+  classification  "sst2 sentence: {sentence}"                   label word, e.g. "positive"
+  qa              "question: {question} context: {context}"     the (first) gold answer
+  ner             "ner: {sentence}" (tokens joined by spaces)    "PER: John Smith; LOC: Paris" / "none"
+  text            (span corruption of the text; see span_corruption.py)
+
+Sources: local files (t5mix.formats) or a TFDS dataset. Records are read whole and formatted in
+Python, once per process, then handed to tf.data: labelled datasets fit in memory, counts are
+exact (mixing rates need them), and one formatter serves files and TFDS alike. `text` tasks over
+TFDS stream instead, since pretraining corpora do not fit in memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import json
+import os
+import re
+from typing import Any, Callable, Mapping, Sequence
+
+import seqio
+import tensorflow as tf
+
+from t5mix import formats, metrics, ner, span_corruption
+from t5mix.errors import UserError
+from t5mix.vocab import get_vocabulary
+
+KINDS = ("classification", "qa", "ner", "text")
+NER_SCHEMES = ("iob1", "iob2", "bioes")
+DEFAULT_TEMPLATES = {
+    "classification": None,  # built from the field names, see _default_template
+    "qa": "question: {question} context: {context}",
+    "ner": "{name}: {sentence}",
+    "text": "{text}",
+}
+DEFAULT_METRICS = {
+    "classification": ["accuracy"],
+    "qa": ["squad"],
+    "ner": ["span_f1"],
+    "text": [],
+}
+METRICS: dict[str, Callable] = {
+    "accuracy": metrics.accuracy,
+    "f1": metrics.f1_binary,
+    "f1_macro": metrics.f1_macro,
+    "mcc": metrics.matthews_corrcoef,
+    "pearson_spearman": metrics.pearson_spearman,
+    "squad": metrics.squad,
+    "span_f1": metrics.span_f1,
+}
+
+
+@dataclasses.dataclass(eq=False)  # hashed by identity: caches key on the spec object
+class TaskSpec:
+  """Everything that defines a task. Field names are the keys of a task YAML entry."""
+  name: str
+  kind: str
+  splits: dict[str, Any]            # split → path | {path, select} (files) or TFDS split name
+  format: str | None = None         # tsv | csv | jsonl | squad_json | conll | text
+  tfds: str | None = None           # e.g. "glue/sst2:2.0.0"; replaces `format`
+  template: str | None = None       # input text; {field} placeholders
+  fields: dict[str, str] = dataclasses.field(default_factory=dict)  # placeholder → column
+  label: str = "label"              # classification: the label column
+  label_words: Any = None           # classification: {label value: word} or [word, ...]
+  answers: str = "answers"          # qa: column with the gold answer(s)
+  tokens: str = "tokens"            # ner: column with tokens (tfds/jsonl)
+  tags: str = "tags"                # ner: column with tags (tfds/jsonl)
+  scheme: str = "iob2"              # ner: iob1 | iob2 | bioes
+  token_column: int = 0             # conll: column of the token
+  tag_column: int = -1              # conll: column of the NER tag
+  columns: list[str] | None = None  # tsv/csv without a header row
+  metrics: list[str] | None = None
+  vocabulary: str | None = None     # "byte", "demo", or a SentencePiece model path
+  noise_density: float = 0.15       # text: span corruption
+  mean_noise_span_length: float = 3.0
+  description: str = ""
+  base_dir: str = "."               # where relative paths resolve (the YAML file's directory)
+  origin: str = "<python>"          # where the spec was defined, for error messages
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any], origin: str, base_dir: str = ".") -> "TaskSpec":
+    if not isinstance(d, Mapping):
+      raise UserError(f"{origin}: a task must be a mapping, found {type(d).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)} - {"base_dir", "origin"}
+    for key in d:
+      if key not in known:
+        close = difflib.get_close_matches(str(key), known, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise UserError(f"{origin}: unknown key {key!r}{hint}")
+    for key in ("name", "kind", "splits"):
+      if key not in d:
+        raise UserError(f"{origin}: missing required key {key!r}")
+    spec = cls(**d, base_dir=base_dir, origin=origin)
+    spec.validate()
+    return spec
+
+  def validate(self) -> None:
+    where = f"{self.origin}: task {self.name!r}"
+    if not isinstance(self.name, str) or not re.fullmatch(r"[\w.:-]+", self.name):
+      raise UserError(f"{self.origin}: key 'name': {self.name!r} is not a valid task name "
+                      "(letters, digits, _ . : -)")
+    if self.kind not in KINDS:
+      raise UserError(f"{where}: key 'kind': {self.kind!r} is not one of {', '.join(KINDS)}")
+    if (self.format is None) == (self.tfds is None):
+      raise UserError(f"{where}: give exactly one of 'format' (local files) or 'tfds'")
+    if self.format is not None and self.format not in formats.FORMATS:
+      raise UserError(f"{where}: key 'format': {self.format!r} is not one of "
+                      f"{', '.join(formats.FORMATS)}")
+    if not isinstance(self.splits, Mapping) or not self.splits:
+      raise UserError(f"{where}: key 'splits' must map split names to files")
+    if self.kind == "classification" and not self.label_words:
+      raise UserError(f"{where}: classification needs 'label_words'")
+    if self.kind == "ner" and self.scheme not in NER_SCHEMES:
+      raise UserError(f"{where}: key 'scheme': {self.scheme!r} is not one of {', '.join(NER_SCHEMES)}")
+    for m in self.metrics or []:
+      if m not in METRICS:
+        raise UserError(f"{where}: key 'metrics': unknown metric {m!r}; known: {', '.join(METRICS)}")
+    if not isinstance(self.fields, Mapping):
+      raise UserError(f"{where}: key 'fields' must map template names to columns")
+
+  @property
+  def label_map(self) -> dict[str, str]:
+    """Label value (as text) → label word."""
+    words = self.label_words
+    if isinstance(words, Sequence) and not isinstance(words, str):
+      return {str(i): str(w) for i, w in enumerate(words)}
+    if isinstance(words, Mapping):
+      return {str(k): str(v) for k, v in words.items()}
+    raise UserError(f"{self.origin}: task {self.name!r}: 'label_words' must be a list or mapping")
+
+  @property
+  def source_description(self) -> str:
+    if self.tfds:
+      return f"tfds:{self.tfds}"
+    paths = [self._split_path(s)[0] for s in self.splits]
+    home = os.path.expanduser("~")
+    path = paths[0] if paths else ""
+    return f"{self.format}:{'~' + path[len(home):] if path.startswith(home + os.sep) else path}"
+
+  def _split_path(self, split: str) -> tuple[str, str | None]:
+    entry = self.splits[split]
+    select = None
+    if isinstance(entry, Mapping):
+      unknown = set(entry) - {"path", "select"}
+      if unknown or "path" not in entry:
+        raise UserError(f"{self.origin}: task {self.name!r}: split {split!r} must be a path or "
+                        "{path: FILE, select: 'START:END'}")
+      entry, select = entry["path"], entry.get("select")
+    path = os.path.expandvars(os.path.expanduser(str(entry)))
+    return os.path.normpath(os.path.join(self.base_dir, path)), select
+
+
+# ---------------------------------------------------------------------------------------------
+# Formatting: records → {"inputs", "targets", extra fields for metrics}.
+
+
+def _default_template(spec: TaskSpec, record: Mapping[str, Any]) -> str:
+  # GLUE style: "<task> <field>: {field} <field2>: {field2}" over the mapped or text columns.
+  names = list(spec.fields) or [k for k in record if k not in (spec.label, "idx", "_line")]
+  return " ".join([spec.name] + [f"{n}: {{{n}}}" for n in names])
+
+
+def _fill(template: str, values: Mapping[str, Any], where: str) -> str:
+  try:
+    return template.format_map(values)
+  except KeyError as e:
+    raise UserError(f"{where}: template field {e} not found; available: "
+                    f"{', '.join(k for k in values if not k.startswith('_'))}") from None
+  except (ValueError, IndexError) as e:
+    raise UserError(f"{where}: bad template {template!r} ({e})") from None
+
+
+def _template_values(spec: TaskSpec, record: Mapping[str, Any], where: str) -> dict[str, Any]:
+  values = dict(record)
+  values["name"] = spec.name
+  for placeholder, column in spec.fields.items():
+    if column not in record:
+      raise UserError(f"{where}: column {column!r} (for field {placeholder!r}) not found; "
+                      f"available: {', '.join(k for k in record if not k.startswith('_'))}")
+    values[placeholder] = record[column]
+  return values
+
+
+def format_record(spec: TaskSpec, record: Mapping[str, Any], where: str) -> dict[str, str]:
+  """One source record → one text-to-text example (plus what the metrics need)."""
+  values = _template_values(spec, record, where)
+  if spec.kind == "classification":
+    template = spec.template or _default_template(spec, record)
+    if spec.label not in record:
+      raise UserError(f"{where}: label column {spec.label!r} not found")
+    value = str(record[spec.label]).strip()
+    label_map = spec.label_map
+    if value not in label_map:
+      raise UserError(f"{where}: label {value!r} is not in label_words ({', '.join(label_map)})")
+    return {"inputs": _fill(template, values, where), "targets": label_map[value]}
+  if spec.kind == "qa":
+    answers = record.get(spec.answers)
+    if isinstance(answers, str):
+      answers = [answers]
+    if not answers:
+      raise UserError(f"{where}: no answer in column {spec.answers!r}")
+    return {"inputs": _fill(spec.template or DEFAULT_TEMPLATES["qa"], values, where),
+            "targets": answers[0], "answers": json.dumps(list(answers))}
+  if spec.kind == "ner":
+    tokens, tags = record.get(spec.tokens), record.get(spec.tags)
+    if tokens is None or tags is None:
+      raise UserError(f"{where}: NER record needs {spec.tokens!r} and {spec.tags!r}")
+    if len(tokens) != len(tags):
+      raise UserError(f"{where}: {len(tokens)} tokens but {len(tags)} tags")
+    try:
+      spans = ner.tags_to_spans(tags, spec.scheme)
+    except ValueError as e:
+      raise UserError(f"{where}: {e}") from None
+    values["sentence"] = " ".join(tokens)
+    return {"inputs": _fill(spec.template or DEFAULT_TEMPLATES["ner"], values, where),
+            "targets": ner.format_entities(tokens, spans)}
+  # text: the document goes to "targets"; span corruption makes inputs and targets from it.
+  return {"inputs": "", "targets": _fill(spec.template or DEFAULT_TEMPLATES["text"], values, where)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources.
+
+
+def _select(records: list, select: str | None, where: str) -> list:
+  """`select: "START:END"` with integers or percentages (e.g. "0:90%", "90%:"), in file order."""
+  if not select:
+    return records
+  m = re.fullmatch(r"\s*(-?\d+%?)?\s*:\s*(-?\d+%?)?\s*", str(select))
+  if not m:
+    raise UserError(f"{where}: select {select!r} is not 'START:END' (e.g. '0:90%', '90%:')")
+
+  def bound(text):
+    if text is None:
+      return None
+    if text.endswith("%"):
+      return round(len(records) * int(text[:-1]) / 100)
+    return int(text)
+
+  return records[bound(m.group(1)):bound(m.group(2))]
+
+
+@functools.lru_cache(maxsize=64)
+def _read_file(path: str, fmt: str, options: tuple, mtime: float) -> list:
+  del mtime  # part of the cache key: an edited file is read again
+  return formats.read(path, fmt, **dict(options))
+
+
+def _file_records(spec: TaskSpec, split: str) -> list[dict[str, Any]]:
+  path, select = spec._split_path(split)
+  options = (("columns", tuple(spec.columns) if spec.columns else None),
+             ("token_column", spec.token_column), ("tag_column", spec.tag_column))
+  mtime = os.path.getmtime(path) if os.path.exists(path) else 0.0
+  records = _read_file(path, spec.format, options, mtime)
+  where = f"{spec.origin}: task {spec.name!r} split {split!r}"
+  if spec.format == "squad_json" and select:
+    # Carve SQuAD splits by article so that no context is in two splits.
+    articles = sorted({r["article"] for r in records})
+    keep = set(_select(articles, select, where))
+    return [r for r in records if r["article"] in keep]
+  return _select(records, select, where)
+
+
+def _tfds_builder(spec: TaskSpec, data_dir: str | None):
+  import tensorflow_datasets as tfds
+  data_dir = data_dir or os.environ.get("TFDS_DATA_DIR")
+  try:
+    builder = tfds.builder(spec.tfds, data_dir=data_dir)
+  except Exception as e:  # tfds raises DatasetNotFoundError, ValueError, … with long texts
+    raise UserError(f"task {spec.name!r}: TFDS dataset {spec.tfds!r} unavailable "
+                    f"({str(e).splitlines()[0]})") from None
+  return builder
+
+
+def _tfds_not_prepared(spec: TaskSpec, builder) -> UserError:
+  return UserError(
+      f"dataset {spec.tfds} not prepared in {builder.data_dir}; run `tfds build {spec.tfds} "
+      f"--data_dir DIR` on a machine with internet, then pass --tfds-data-dir DIR "
+      f"(or set TFDS_DATA_DIR)")
+
+
+def _decode(value):
+  if isinstance(value, bytes):
+    return value.decode("utf-8")
+  if hasattr(value, "tolist"):
+    return _decode(value.tolist())
+  if isinstance(value, list):
+    return [_decode(v) for v in value]
+  if isinstance(value, dict):
+    return {k: _decode(v) for k, v in value.items()}
+  return value
+
+
+def _tfds_records(spec: TaskSpec, split: str, data_dir: str | None) -> list[dict[str, Any]]:
+  import tensorflow_datasets as tfds
+  builder = _tfds_builder(spec, data_dir)
+  tfds_split = spec.splits[split]
+  try:
+    ds = builder.as_dataset(split=tfds_split, shuffle_files=False)
+  except (AssertionError, FileNotFoundError, tf.errors.NotFoundError):
+    raise _tfds_not_prepared(spec, builder) from None
+  features = builder.info.features
+  records = []
+  for i, ex in enumerate(tfds.as_numpy(ds)):
+    record = _decode(ex)
+    # Class labels become their names (NER tags), except the classification label column,
+    # whose values label_words maps.
+    for key, feature in features.items():
+      names = getattr(getattr(feature, "feature", feature), "names", None)
+      if names and key != spec.label and key in record:
+        value = record[key]
+        record[key] = [names[v] for v in value] if isinstance(value, list) else names[value]
+    if spec.kind == "qa" and isinstance(record.get(spec.answers), dict):
+      record[spec.answers] = record[spec.answers].get("text", [])
+    record["_line"] = i
+    records.append(record)
+  return records
+
+
+class _CountedSource(seqio.FunctionDataSource):
+  """A FunctionDataSource whose split sizes are counted on first use (seqio wants them upfront).
+
+  Counting reads the file (or TFDS metadata), so registering a task stays cheap.
+  """
+
+  def __init__(self, dataset_fn, splits, count_fn: Callable[[str], int]):
+    super().__init__(dataset_fn, splits=splits)
+    self._count_fn = count_fn
+    self._counts: dict[str, int] = {}
+
+  def num_input_examples(self, split: str) -> int:
+    if split not in self._counts:
+      self._counts[split] = self._count_fn(split)
+    return self._counts[split]
+
+
+# ---------------------------------------------------------------------------------------------
+# Building and registering seqio Tasks.
+
+TFDS_DATA_DIR: str | None = None  # set by --tfds-data-dir
+# The vocabulary of tasks that name none: --vocab, else $T5MIX_VOCAB, else bytes (works for any
+# text; train a SentencePiece model with `t5mix vocab train` for shorter sequences).
+DEFAULT_VOCABULARY: str = os.environ.get("T5MIX_VOCAB", "byte")
+
+
+def examples(spec: TaskSpec, split: str) -> list[dict[str, str]]:
+  """The formatted text-to-text examples of a split (cached per process)."""
+  return _examples(spec, split)
+
+
+@functools.lru_cache(maxsize=64)
+def _examples_cached(spec: TaskSpec, split: str, data_dir: str | None):
+  if spec.tfds:
+    records = _tfds_records(spec, split, data_dir)
+  else:
+    records = _file_records(spec, split)
+  path = spec._split_path(split)[0] if not spec.tfds else f"tfds:{spec.tfds}[{split}]"
+  return [format_record(spec, r, f"{path}:{r.get('_line', '?')}") for r in records]
+
+
+def _examples(spec: TaskSpec, split: str):
+  if split not in spec.splits:
+    raise UserError(f"task {spec.name!r} has no split {split!r}; it has {', '.join(spec.splits)}")
+  return _examples_cached(spec, split, TFDS_DATA_DIR)
+
+
+def _count_examples(spec: TaskSpec, split: str) -> int:
+  if spec.tfds:
+    builder = _tfds_builder(spec, TFDS_DATA_DIR)
+    try:
+      return builder.info.splits[spec.splits[split]].num_examples
+    except KeyError:
+      raise _tfds_not_prepared(spec, builder) from None
+  return len(_examples(spec, split))
+
+
+def _to_dataset(rows: list[dict[str, str]]) -> tf.data.Dataset:
+  keys = rows[0].keys() if rows else ("inputs", "targets")
+  return tf.data.Dataset.from_tensor_slices(
+      {k: tf.constant([r[k] for r in rows], dtype=tf.string) for k in keys})
+
+
+def _postprocess_fn(spec: TaskSpec):
+  if spec.kind == "classification":
+    words = list(dict.fromkeys(spec.label_map.values()))
+    return metrics.label_postprocessor(words)
+  if spec.kind == "qa":
+    return metrics.squad_postprocessor
+  if spec.kind == "ner":
+    return metrics.ner_postprocessor
+  return None
+
+
+def build_task(spec: TaskSpec) -> seqio.Task:
+  """The seqio.Task for a spec (not registered)."""
+  vocab = get_vocabulary(spec.vocabulary or DEFAULT_VOCABULARY, spec.base_dir)
+  output_features = {"inputs": seqio.Feature(vocab, add_eos=True, required=False),
+                     "targets": seqio.Feature(vocab, add_eos=True)}
+
+  def dataset_fn(split, shuffle_files, seed=None):
+    del shuffle_files, seed  # in-memory records; the Task shuffles examples
+    return _to_dataset(_examples(spec, split))
+
+  streaming_text = spec.kind == "text" and spec.tfds
+  if streaming_text:
+    source = seqio.TfdsDataSource(tfds_name=spec.tfds, splits=dict(spec.splits),
+                                  tfds_data_dir=TFDS_DATA_DIR)
+  else:
+    source = _CountedSource(dataset_fn, list(spec.splits), functools.partial(_count_examples, spec))
+
+  if spec.kind == "text":
+    preprocessors = [
+        *([span_corruption.text_to_targets] if streaming_text else []),
+        seqio.preprocessors.tokenize,
+        functools.partial(span_corruption.span_corruption, noise_density=spec.noise_density,
+                          mean_noise_span_length=spec.mean_noise_span_length),
+        seqio.preprocessors.append_eos_after_trim,
+    ]
+  else:
+    preprocessors = [seqio.preprocessors.tokenize, seqio.preprocessors.append_eos_after_trim]
+  metric_names = spec.metrics if spec.metrics is not None else DEFAULT_METRICS[spec.kind]
+  task = seqio.Task(spec.name, source=source, output_features=output_features,
+                    preprocessors=preprocessors, postprocess_fn=_postprocess_fn(spec),
+                    metric_fns=[METRICS[m] for m in metric_names])
+  task.t5mix_spec = spec  # what `t5mix tasks` and the evaluator show
+  return task
+
+
+def add_task(name: str | None = None, *, spec: TaskSpec | None = None, **kwargs) -> seqio.Task:
+  """Registers a task from keyword arguments (the TaskSpec fields) or a TaskSpec.
+
+  This is the Python-module way to add a task:
+
+      import t5mix
+      t5mix.add_task("my_sst2", kind="classification", format="tsv",
+                     splits={"train": "/data/sst2/train.tsv"},
+                     template="sst2 sentence: {text}", label_words=["negative", "positive"])
+  """
+  if spec is None:
+    spec = TaskSpec.from_dict({"name": name, **kwargs}, origin=kwargs.pop("origin", "<python>"))
+  if spec.name in seqio.TaskRegistry.names() or spec.name in seqio.MixtureRegistry.names():
+    raise UserError(f"{spec.origin}: task {spec.name!r} is already defined "
+                    f"(by {_origin(spec.name)}); pick another name")
+  task = build_task(spec)
+  seqio.TaskRegistry.add_provider(spec.name, task)
+  return task
+
+
+def _origin(name: str) -> str:
+  try:
+    provider = seqio.get_mixture_or_task(name)
+  except ValueError:
+    return "?"
+  spec = getattr(provider, "t5mix_spec", None)
+  return getattr(provider, "t5mix_origin", None) or (spec.origin if spec else "seqio")
+
+
+def get_task_or_mixture(name: str):
+  """The registered task or mixture, or a UserError suggesting the closest names."""
+  names = list(seqio.TaskRegistry.names()) + list(seqio.MixtureRegistry.names())
+  if name not in names:
+    close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(close)}?" if close else "; see `t5mix tasks`"
+    raise UserError(f"unknown task or mixture {name!r}{hint}")
+  return seqio.get_mixture_or_task(name)

@@ -49,6 +49,21 @@ def build_parser() -> argparse.ArgumentParser:
                  help="span-corruption tasks: inputs length that sets the chunk size (default: 128)")
   _common(p)
 
+  p = sub.add_parser("train", help="train a model on a task or mixture",
+                     description="Train per a YAML config (configs/*.yaml) with dotted overrides. "
+                                 "Rerunning the same command in the same workdir resumes from its "
+                                 "latest checkpoint. SIGTERM/Ctrl-C save a checkpoint before exit.")
+  p.add_argument("--config", help="YAML config file or a name in configs/ (default: the built-in "
+                                  "demo settings: tiny model, demo mixture, CPU-sized)")
+  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                 help="override a config key, e.g. --set optimizer.learning_rate=3e-4 (repeatable)")
+  p.add_argument("--workdir", default="workdirs/demo", help="where checkpoints, logs and the "
+                                                            "resolved config go (default: workdirs/demo)")
+  p.add_argument("--init-from", metavar="WORKDIR_OR_CKPT",
+                 help="start from these parameters (fresh optimizer, step 0): fine-tuning")
+  p.add_argument("--quiet", action="store_true", help="no per-step progress lines")
+  _common(p)
+
   p = sub.add_parser("vocab", help="vocabulary tools")
   vsub = p.add_subparsers(dest="vocab_command", metavar="COMMAND", required=True)
   v = vsub.add_parser("train", help="train a SentencePiece vocabulary on the text of tasks",
@@ -65,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _load_definitions(args) -> None:
   from t5mix import definitions, registry
+  if getattr(args, "config", None):  # a run config may name its own definitions
+    from t5mix import config as config_lib
+    c = config_lib.load(args.config, getattr(args, "set", []))
+    args.tasks_dir = list(args.tasks_dir) + list(c.data.tasks_dir)
+    args.module = list(args.module) + list(c.data.module)
+    args.vocab = args.vocab or c.data.vocab
   if args.tfds_data_dir:
     registry.TFDS_DATA_DIR = args.tfds_data_dir
   if args.vocab:
@@ -242,7 +263,15 @@ def _print_table(header, rows, right=()) -> None:
     print(line(row))
 
 
-COMMANDS = {"tasks": cmd_tasks, "show": cmd_show, "vocab": cmd_vocab}
+def cmd_train(args) -> int:
+  from t5mix import config as config_lib
+  from t5mix import train
+  c = config_lib.load(args.config, args.set)
+  train.train(c, args.workdir, init_from=args.init_from, quiet=args.quiet)
+  return 0
+
+
+COMMANDS = {"tasks": cmd_tasks, "show": cmd_show, "train": cmd_train, "vocab": cmd_vocab}
 
 if __name__ == "__main__":
   sys.exit(main())

@@ -36,22 +36,38 @@ _loaded: set[str] = set()
 def read_yaml(path: str):
   if not os.path.exists(path):
     raise UserError(f"{path}: file does not exist")
+  if os.path.isdir(path):
+    raise UserError(f"{path}: is a directory, expected a YAML file")
+  with open(path, "rb") as f:
+    data = f.read()
+  if data.startswith(b"\xef\xbb\xbf"):
+    data = data[3:]
+  if b"\x00" in data:
+    line = data[:data.index(b"\x00")].count(b"\n") + 1
+    raise UserError(f"{path}:{line}: binary data (NUL byte); expected a YAML text file")
   try:
-    with open(path, encoding="utf-8-sig") as f:
-      return yaml.safe_load(f)
+    text = data.decode("utf-8")
+  except UnicodeDecodeError as e:
+    line = data[:e.start].count(b"\n") + 1
+    raise UserError(f"{path}:{line}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+  try:
+    return yaml.safe_load(text)
   except yaml.YAMLError as e:
-    mark = getattr(e, "problem_mark", None)
-    line = f":{mark.line + 1}" if mark else ""
-    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    if mark is not None:
+      line = f":{mark.line + 1}"
+    elif isinstance(getattr(e, "position", None), int):  # yaml.reader.ReaderError
+      line = f":{text[:e.position].count(chr(10)) + 1}"
+    else:
+      line = ""
+    problem = getattr(e, "problem", None) or getattr(e, "reason", None) or str(e).splitlines()[0]
     raise UserError(f"{path}{line}: invalid YAML ({problem})") from None
-  except UnicodeDecodeError:
-    raise UserError(f"{path}: not valid UTF-8") from None
 
 
 def _parse_file(path: str) -> tuple[list[registry.TaskSpec], list[mixing.MixtureSpec]]:
   doc = read_yaml(path)
   if doc is None:
-    return [], []
+    raise UserError(f"{path}: file is empty (expected a mapping with keys {', '.join(FILE_KEYS)})")
   if not isinstance(doc, dict):
     raise UserError(f"{path}: expected a mapping with keys {', '.join(FILE_KEYS)}")
   for key in doc:
@@ -113,12 +129,12 @@ def _expand(path: str) -> tuple[list[str], list[str]]:
 def load(paths: list[str] = (), modules: list[str] = (), builtin: bool = True) -> None:
   """Registers the built-in definitions (once) and those of `paths` and `modules`."""
   all_paths = (list(BUILTIN_DIRS) if builtin else []) + list(paths)
-  yamls, pys = [], []
+  yamls, pys, keys = [], [], []
   for path in all_paths:
     key = os.path.abspath(path)
-    if key in _loaded:
+    if key in _loaded or key in keys:
       continue
-    _loaded.add(key)
+    keys.append(key)
     y, p = _expand(path)
     yamls += y
     pys += p
@@ -127,6 +143,7 @@ def load(paths: list[str] = (), modules: list[str] = (), builtin: bool = True) -
     t, m = _parse_file(path)
     task_specs += t
     mixture_specs += m
+  _loaded.update(keys)  # only once they parsed: after an error, loading them again retries
   for spec in task_specs:
     registry.add_task(spec=spec)
   for path in pys:

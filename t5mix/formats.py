@@ -24,6 +24,8 @@ def _open_lines(path: str) -> Iterator[tuple[int, str]]:
     raise UserError(f"{path}: data file does not exist")
   if os.path.isdir(path):
     raise UserError(f"{path}: is a directory, expected a data file")
+  if os.path.getsize(path) == 0:
+    raise UserError(f"{path}: file is empty")
   with open(path, "rb") as f:
     for number, raw in enumerate(f, start=1):
       if number == 1 and raw.startswith(b"\xef\xbb\xbf"):

@@ -24,6 +24,7 @@ import functools
 import json
 import os
 import re
+import sys
 from typing import Any, Callable, Mapping, Sequence
 
 import seqio
@@ -55,6 +56,22 @@ METRICS: dict[str, Callable] = {
     "pearson_spearman": metrics.pearson_spearman,
     "squad": metrics.squad,
     "span_f1": metrics.span_f1,
+}
+
+
+_STR, _OPT_STR = ((str,), "a string"), ((str, type(None)), "a string")
+_INT, _NUMBER = ((int,), "an integer"), ((int, float), "a number")
+_OPT_LIST = ((list, tuple, type(None)), "a list")
+# The type each TaskSpec key must have (checked by validate, so a bad YAML value is a one-line
+# error naming the key rather than a crash later).
+_KEY_TYPES = {
+    "kind": _STR, "splits": ((Mapping,), "a mapping of split names"), "format": _OPT_STR,
+    "tfds": _OPT_STR, "template": _OPT_STR, "fields": ((Mapping,), "a mapping of names to columns"),
+    "label": _STR,
+    "label_words": ((list, tuple, Mapping, type(None)), "a list or mapping of label words"),
+    "answers": _STR, "tokens": _STR, "tags": _STR, "scheme": _STR, "token_column": _INT,
+    "tag_column": _INT, "columns": _OPT_LIST, "metrics": _OPT_LIST, "vocabulary": _OPT_STR,
+    "noise_density": _NUMBER, "mean_noise_span_length": _NUMBER, "description": _STR,
 }
 
 
@@ -107,6 +124,17 @@ class TaskSpec:
     if not isinstance(self.name, str) or not re.fullmatch(r"[\w.:-]+", self.name):
       raise UserError(f"{self.origin}: key 'name': {self.name!r} is not a valid task name "
                       "(letters, digits, _ . : -)")
+    for key, (types, expected) in _KEY_TYPES.items():
+      value = getattr(self, key)
+      if not isinstance(value, types) or isinstance(value, bool) and bool not in types:
+        raise UserError(f"{where}: key {key!r} must be {expected}, found "
+                        f"{type(value).__name__} {value!r}")
+    for key in ("columns", "metrics", "fields"):
+      value = getattr(self, key) or ()
+      items = value.values() if isinstance(value, Mapping) else value
+      bad = next((v for v in items if not isinstance(v, str)), None)
+      if bad is not None:
+        raise UserError(f"{where}: key {key!r}: {bad!r} is not a string (column or metric name)")
     if self.kind not in KINDS:
       raise UserError(f"{where}: key 'kind': {self.kind!r} is not one of {', '.join(KINDS)}")
     if (self.format is None) == (self.tfds is None):
@@ -123,8 +151,13 @@ class TaskSpec:
     for m in self.metrics or []:
       if m not in METRICS:
         raise UserError(f"{where}: key 'metrics': unknown metric {m!r}; known: {', '.join(METRICS)}")
-    if not isinstance(self.fields, Mapping):
-      raise UserError(f"{where}: key 'fields' must map template names to columns")
+    for split, entry in self.splits.items():
+      ok = isinstance(entry, str) or (not self.tfds and isinstance(entry, Mapping))
+      if not isinstance(split, str) or not ok:
+        raise UserError(f"{where}: key 'splits': split {split!r} must map to "
+                        + ("a TFDS split name" if self.tfds else
+                           "a file path or {path: FILE, select: 'START:END'}")
+                        + f", found {type(entry).__name__} {entry!r}")
 
   @property
   def label_map(self) -> dict[str, str]:
@@ -174,7 +207,7 @@ def _fill(template: str, values: Mapping[str, Any], where: str) -> str:
   except KeyError as e:
     raise UserError(f"{where}: template field {e} not found; available: "
                     f"{', '.join(k for k in values if not k.startswith('_'))}") from None
-  except (ValueError, IndexError) as e:
+  except (ValueError, IndexError, AttributeError, TypeError) as e:
     raise UserError(f"{where}: bad template {template!r} ({e})") from None
 
 
@@ -203,16 +236,28 @@ def format_record(spec: TaskSpec, record: Mapping[str, Any], where: str) -> dict
     return {"inputs": _fill(template, values, where), "targets": label_map[value]}
   if spec.kind == "qa":
     answers = record.get(spec.answers)
+    if isinstance(answers, Mapping):  # SQuAD/HF style {"text": [...], "answer_start": [...]}
+      answers = answers.get("text")
     if isinstance(answers, str):
       answers = [answers]
+    if isinstance(answers, list):  # [{"text": ..., "answer_start": ...}, ...] as in SQuAD JSON
+      answers = [a.get("text") if isinstance(a, Mapping) else a for a in answers]
     if not answers:
       raise UserError(f"{where}: no answer in column {spec.answers!r}")
+    if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
+      raise UserError(f"{where}: column {spec.answers!r} must hold an answer text or a list of "
+                      f"them, found {str(record.get(spec.answers))[:80]}")
     return {"inputs": _fill(spec.template or DEFAULT_TEMPLATES["qa"], values, where),
             "targets": answers[0], "answers": json.dumps(list(answers))}
   if spec.kind == "ner":
     tokens, tags = record.get(spec.tokens), record.get(spec.tags)
     if tokens is None or tags is None:
       raise UserError(f"{where}: NER record needs {spec.tokens!r} and {spec.tags!r}")
+    for key, value in ((spec.tokens, tokens), (spec.tags, tags)):
+      if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        names = " (tag names such as 'B-PER', not ids)" if value is tags else ""
+        raise UserError(f"{where}: {key!r} must be a list of strings{names}, "
+                        f"found {str(value)[:80]}")
     if len(tokens) != len(tags):
       raise UserError(f"{where}: {len(tokens)} tokens but {len(tags)} tags")
     try:
@@ -281,10 +326,17 @@ def _tfds_builder(spec: TaskSpec, data_dir: str | None):
 
 
 def _tfds_not_prepared(spec: TaskSpec, builder) -> UserError:
+  data_dir = getattr(builder, "data_dir_root", None) or builder.data_dir  # what --tfds-data-dir names
   return UserError(
-      f"dataset {spec.tfds} not prepared in {builder.data_dir}; run `tfds build {spec.tfds} "
+      f"dataset {spec.tfds} not prepared in {data_dir}; run `tfds build {spec.tfds} "
       f"--data_dir DIR` on a machine with internet, then pass --tfds-data-dir DIR "
       f"(or set TFDS_DATA_DIR)")
+
+
+def _tfds_bad_split(spec: TaskSpec, split: str, error: Exception) -> UserError:
+  message = str(error.args[0] if error.args else error).splitlines()[0]
+  return UserError(f"{spec.origin}: task {spec.name!r}: split {split!r} "
+                   f"({spec.splits[split]!r} of {spec.tfds}): {message}")
 
 
 def _decode(value):
@@ -307,6 +359,8 @@ def _tfds_records(spec: TaskSpec, split: str, data_dir: str | None) -> list[dict
     ds = builder.as_dataset(split=tfds_split, shuffle_files=False)
   except (AssertionError, FileNotFoundError, tf.errors.NotFoundError):
     raise _tfds_not_prepared(spec, builder) from None
+  except (KeyError, ValueError) as e:  # an unknown split name or bad slice
+    raise _tfds_bad_split(spec, split, e) from None
   features = builder.info.features
   records = []
   for i, ex in enumerate(tfds.as_numpy(ds)):
@@ -375,10 +429,13 @@ def _examples(spec: TaskSpec, split: str):
 def _count_examples(spec: TaskSpec, split: str) -> int:
   if spec.tfds:
     builder = _tfds_builder(spec, TFDS_DATA_DIR)
-    try:
-      return builder.info.splits[spec.splits[split]].num_examples
-    except KeyError:
-      raise _tfds_not_prepared(spec, builder) from None
+    if builder.info.splits:  # a prepared dataset: the sizes are in its metadata
+      try:
+        return builder.info.splits[spec.splits[split]].num_examples
+      except (KeyError, ValueError) as e:
+        raise _tfds_bad_split(spec, split, e) from None
+    # No split metadata: not prepared (reading fails with the "not prepared" error), or data
+    # without metadata such as tfds.testing.mock_data's: count the records.
   return len(_examples(spec, split))
 
 
@@ -445,7 +502,11 @@ def add_task(name: str | None = None, *, spec: TaskSpec | None = None, **kwargs)
                      template="sst2 sentence: {text}", label_words=["negative", "positive"])
   """
   if spec is None:
-    spec = TaskSpec.from_dict({"name": name, **kwargs}, origin=kwargs.pop("origin", "<python>"))
+    origin = kwargs.pop("origin", None)
+    if origin is None:  # the calling module's file:line, so that errors and clashes name it
+      caller = sys._getframe(1)
+      origin = f"{caller.f_code.co_filename}:{caller.f_lineno}"
+    spec = TaskSpec.from_dict({"name": name, **kwargs}, origin=origin)
   if spec.name in seqio.TaskRegistry.names() or spec.name in seqio.MixtureRegistry.names():
     raise UserError(f"{spec.origin}: task {spec.name!r} is already defined "
                     f"(by {_origin(spec.name)}); pick another name")

@@ -72,7 +72,12 @@ def train_sentencepiece(texts: Iterable[str], out_path: str, vocab_size: int = 8
   if vocab_size < 16:
     raise UserError(f"vocab_size must be at least 16, got {vocab_size}")
   out_path = os.path.abspath(out_path)
-  os.makedirs(os.path.dirname(out_path), exist_ok=True)
+  if os.path.isdir(out_path):
+    raise UserError(f"{out_path}: is a directory; give the path of the .model file to write")
+  try:
+    os.makedirs(os.path.dirname(out_path), exist_ok=True)
+  except OSError as e:
+    raise UserError(f"{out_path}: cannot create its directory ({e.strerror})") from None
   with tempfile.TemporaryDirectory() as tmp:
     corpus = os.path.join(tmp, "corpus.txt")
     n = 0

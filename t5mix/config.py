@@ -1,0 +1,169 @@
+"""Run configuration: YAML files in configs/, dotted `--set key=value` overrides, strict checking.
+
+One dataclass per section; a YAML key that is not a field, or a value of the wrong type, is an
+error naming the key. The resolved config is written to the workdir as `config.yaml`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from typing import Any
+
+import yaml
+
+from t5mix.errors import UserError
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+@dataclasses.dataclass
+class OptimizerConfig:
+  name: str = "adafactor"          # adafactor (T5's) | adamw
+  learning_rate: float = 1e-2      # peak rate of the schedule
+  schedule: str = "rsqrt"          # constant | rsqrt (T5: lr * min(1, sqrt(warmup/step))) | cosine
+  warmup_steps: int = 100
+  weight_decay: float = 0.0
+  b1: float = 0.9                  # adamw
+  b2: float = 0.999                # adamw
+  clip_norm: float = 1.0           # global gradient-norm clipping; 0 disables
+  grad_accum_steps: int = 1        # gradient accumulation (optax.MultiSteps)
+
+
+@dataclasses.dataclass
+class DataConfig:
+  mixture: str = "demo"            # task or mixture name
+  inputs_length: int = 128
+  targets_length: int = 32
+  batch_size: int = 16             # global batch, in (packed) sequences
+  pack: bool = True
+  shuffle: bool = True
+  tasks_dir: list = dataclasses.field(default_factory=list)  # extra definitions, like --tasks-dir
+  module: list = dataclasses.field(default_factory=list)     # like --module
+  vocab: str | None = None         # like --vocab
+
+
+@dataclasses.dataclass
+class TrainConfig:
+  model: str = "mini"              # configs/model/<name>.yaml or a path
+  model_overrides: dict = dataclasses.field(default_factory=dict)  # e.g. {dropout_rate: 0.0}
+  steps: int = 400
+  seed: int = 0
+  z_loss: float = 1e-4
+  label_smoothing: float = 0.0
+  checkpoint_every: int = 100
+  keep_checkpoints: int = 3
+  log_every: int = 25
+  optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+  data: DataConfig = dataclasses.field(default_factory=DataConfig)
+
+
+def _check_type(value, annotation, key):
+  # Annotations are strings here (from __future__ import annotations): "int", "str | None", …
+  allowed = {"int": int, "float": (int, float), "str": str, "bool": bool, "list": list,
+             "dict": dict}
+  names = [a.strip() for a in str(annotation).split("|")]
+  if value is None and "None" in names:
+    return value
+  for name in names:
+    kind = allowed.get(name)
+    if kind is None:
+      continue
+    if kind is int and isinstance(value, bool):
+      continue
+    if isinstance(value, kind):
+      return float(value) if name == "float" else value
+    if name == "float" and isinstance(value, str):  # YAML 1.1 reads "1e-9" as a string
+      try:
+        return float(value)
+      except ValueError:
+        pass
+  raise UserError(f"config key {key!r}: expected {annotation}, got {value!r}")
+
+
+def from_dict(cls, d: dict, prefix: str = ""):
+  """Builds dataclass `cls` from a mapping, rejecting unknown keys and wrong types."""
+  if not isinstance(d, dict):
+    raise UserError(f"config key {prefix.rstrip('.') or '<top>'!r}: expected a mapping, got {d!r}")
+  fields = {f.name: f for f in dataclasses.fields(cls)}
+  kwargs = {}
+  for key, value in d.items():
+    if key not in fields:
+      close = difflib.get_close_matches(str(key), fields, n=1)
+      hint = f" (did you mean {prefix + close[0]!r}?)" if close else ""
+      raise UserError(f"unknown config key {prefix + str(key)!r}{hint}")
+    f = fields[key]
+    if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory):
+      kwargs[key] = from_dict(f.default_factory, value, prefix + key + ".")
+    else:
+      kwargs[key] = _check_type(value, f.type, prefix + key)
+  return cls(**kwargs)
+
+
+def _set(d: dict, dotted: str, value: Any) -> None:
+  parts = dotted.split(".")
+  for part in parts[:-1]:
+    d = d.setdefault(part, {})
+    if not isinstance(d, dict):
+      raise UserError(f"--set {dotted}: {part!r} is not a section")
+  d[parts[-1]] = value
+
+
+def load(path: str | None = None, overrides: list[str] = ()) -> TrainConfig:
+  """Config from a YAML file (or the defaults) plus `key.sub=value` overrides."""
+  from t5mix.definitions import read_yaml
+  d: dict = {}
+  if path:
+    if not os.path.exists(path) and os.path.exists(os.path.join(CONFIG_DIR, path + ".yaml")):
+      path = os.path.join(CONFIG_DIR, path + ".yaml")
+    d = read_yaml(path) or {}
+    if not isinstance(d, dict):
+      raise UserError(f"{path}: a config must be a mapping of keys")
+  for item in overrides:
+    if "=" not in item:
+      raise UserError(f"--set {item!r}: expected key=value")
+    key, text = item.split("=", 1)
+    try:
+      value = yaml.safe_load(text)
+    except yaml.YAMLError:
+      value = text
+    _set(d, key.strip(), value)
+  try:
+    config = from_dict(TrainConfig, d)
+  except UserError as e:
+    raise UserError(f"{path}: {e}" if path else str(e)) from None
+  validate(config)
+  return config
+
+
+def validate(c: TrainConfig) -> None:
+  def positive(key, value):
+    if value <= 0:
+      raise UserError(f"config key {key!r} must be positive, got {value}")
+  positive("steps", c.steps)
+  positive("data.batch_size", c.data.batch_size)
+  positive("data.inputs_length", c.data.inputs_length)
+  positive("data.targets_length", c.data.targets_length)
+  positive("checkpoint_every", c.checkpoint_every)
+  positive("log_every", c.log_every)
+  positive("keep_checkpoints", c.keep_checkpoints)
+  positive("optimizer.learning_rate", c.optimizer.learning_rate)
+  positive("optimizer.grad_accum_steps", c.optimizer.grad_accum_steps)
+  if c.optimizer.name not in ("adafactor", "adamw"):
+    raise UserError(f"config key 'optimizer.name': {c.optimizer.name!r} is not adafactor or adamw")
+  if c.optimizer.schedule not in ("constant", "rsqrt", "cosine"):
+    raise UserError(f"config key 'optimizer.schedule': {c.optimizer.schedule!r} is not "
+                    "constant, rsqrt or cosine")
+  if c.optimizer.warmup_steps < 0:
+    raise UserError("config key 'optimizer.warmup_steps' must be >= 0")
+
+
+def to_dict(c) -> dict:
+  return dataclasses.asdict(c)
+
+
+def save(c: TrainConfig, path: str) -> None:
+  with open(path, "w") as f:
+    yaml.safe_dump(to_dict(c), f, sort_keys=False)
+

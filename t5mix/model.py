@@ -1,0 +1,434 @@
+"""The T5 model (v1.0 and v1.1 / flan-t5 variants) in Flax NNX, encoder-decoder or decoder-only prefix-LM.
+
+Architecture as in the T5 paper and HF `modeling_t5.py`: pre-norm RMSNorm (no bias, no mean subtraction), no
+biases anywhere, no 1/sqrt(d) attention scaling (folded into the initialisation), a bucketed relative position
+bias computed once per stack and shared by all its layers, and a token embedding shared by encoder and decoder.
+
+Parameters are float32; activations use `config.dtype`; softmax, RMSNorm statistics and logits are float32.
+Every parameter carries logical axis names (`out_sharding` metadata) for sharding; nothing is sharded eagerly,
+so the model also runs on one device without a mesh.
+
+Batches are seqio feature-converter outputs (`EncDecFeatureConverter` / `PrefixLMFeatureConverter`). With
+packing, segment ids keep attention inside each example. The `*_positions` features are not needed: positions
+within a segment are contiguous, and the bias depends only on (key position - query position), so a packed
+example gets exactly the bias it gets alone.
+"""
+
+import dataclasses
+import math
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import yaml
+from flax import nnx
+
+from t5mix.errors import UserError
+
+CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs" / "model"
+NEG_INF = -1e10  # finite, so that fully masked rows (padding) give uniform weights instead of NaN
+
+
+@dataclasses.dataclass(frozen=True)
+class T5Config:
+  vocab_size: int
+  d_model: int
+  d_kv: int
+  d_ff: int
+  num_heads: int
+  num_encoder_layers: int
+  num_decoder_layers: int
+  relative_attention_num_buckets: int = 32
+  relative_attention_max_distance: int = 128
+  dropout_rate: float = 0.1
+  layer_norm_epsilon: float = 1e-6
+  feed_forward_proj: str = "gated-gelu"  # "relu" (T5 v1.0) or "gated-gelu" (v1.1, flan-t5)
+  tie_word_embeddings: bool = False  # v1.0: True (and logits scaled by d_model**-0.5)
+  architecture: str = "encoder_decoder"  # or "decoder_only" (prefix-LM; uses num_decoder_layers)
+  dtype: str = "float32"  # compute dtype: "float32" or "bfloat16"
+
+  def __post_init__(self):
+    for f in dataclasses.fields(self):
+      value = getattr(self, f.name)
+      if f.type is float and type(value) in (int, str):
+        # YAML reads `0` as an int and `1e-6` (no dot) as a string.
+        try:
+          object.__setattr__(self, f.name, float(value))
+        except ValueError:
+          raise UserError(f"model config: '{f.name}' must be a float, got {value!r}") from None
+      elif type(value) is not f.type:
+        raise UserError(f"model config: '{f.name}' must be a {f.type.__name__}, got {value!r}")
+    choices = {
+        "feed_forward_proj": ("relu", "gated-gelu"),
+        "architecture": ("encoder_decoder", "decoder_only"),
+        "dtype": ("float32", "bfloat16"),
+    }
+    for name, allowed in choices.items():
+      if getattr(self, name) not in allowed:
+        raise UserError(f"model config: '{name}' must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+    if self.num_heads <= 0 or self.d_model <= 0 or self.vocab_size <= 0 or self.num_decoder_layers <= 0:
+      raise UserError("model config: vocab_size, d_model, num_heads and num_decoder_layers must be positive")
+    if self.architecture == "encoder_decoder" and self.num_encoder_layers <= 0:
+      raise UserError("model config: an encoder_decoder model needs num_encoder_layers > 0")
+
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.dtype)
+
+  @classmethod
+  def from_dict(cls, d: dict, source: str = "model config") -> "T5Config":
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in d:
+      if key not in names:
+        raise UserError(f"{source}: unknown key '{key}' (known: {', '.join(sorted(names))})")
+    try:
+      return cls(**d)
+    except TypeError as e:  # a missing required key
+      raise UserError(f"{source}: {e}") from None
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+
+def load_model_config(path_or_name: str) -> T5Config:
+  """A config from a YAML file, or by name from `configs/model/<name>.yaml` (tiny, small, base, large)."""
+  path = pathlib.Path(path_or_name)
+  if not path.suffix:
+    path = CONFIG_DIR / f"{path_or_name}.yaml"
+    if not path.exists():
+      known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+      raise UserError(f"unknown model config '{path_or_name}' (known: {known})")
+  if not path.exists():
+    raise UserError(f"{path}: model config file not found")
+  try:
+    d = yaml.safe_load(path.read_text())
+  except yaml.YAMLError as e:
+    raise UserError(f"{path}: invalid YAML: {str(e).splitlines()[0]}") from None
+  if not isinstance(d, dict):
+    raise UserError(f"{path}: a model config must be a mapping of keys to values")
+  return T5Config.from_dict(d, source=str(path))
+
+
+# --- building blocks ---------------------------------------------------------------------------------------
+
+
+def _param(rngs, std, shape, axes):
+  """A float32 normal(0, std) parameter annotated with logical axis names (HF / Mesh-TF T5 init)."""
+  value = std * jax.random.normal(rngs.params(), shape, jnp.float32)
+  return nnx.Param(value, out_sharding=axes, eager_sharding=False)
+
+
+def _dropout(x, rate, deterministic, rngs):
+  if deterministic or rate == 0.0:
+    return x
+  if rngs is None:
+    raise ValueError("dropout needs rngs: call model(..., deterministic=False, rngs=nnx.Rngs(dropout=key))")
+  keep = jax.random.bernoulli(rngs.dropout(), 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+  """T5 LayerNorm: scale only, no mean subtraction, statistics in float32."""
+
+  def __init__(self, config: T5Config):
+    self.eps = config.layer_norm_epsilon
+    self.scale = nnx.Param(jnp.ones((config.d_model,), jnp.float32), out_sharding=("embed",), eager_sharding=False)
+
+  def __call__(self, x):
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (y * self.scale[...]).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+  """Multi-head attention; q/k/v are [embed, heads, kv] so heads can be sharded. No 1/sqrt(d_kv) scaling."""
+
+  def __init__(self, config: T5Config, *, rngs: nnx.Rngs):
+    d, h, k = config.d_model, config.num_heads, config.d_kv
+    self.dtype, self.dropout_rate = config.compute_dtype, config.dropout_rate
+    self.query = _param(rngs, (d * k) ** -0.5, (d, h, k), ("embed", "heads", "kv"))
+    self.key = _param(rngs, d**-0.5, (d, h, k), ("embed", "heads", "kv"))
+    self.value = _param(rngs, d**-0.5, (d, h, k), ("embed", "heads", "kv"))
+    self.out = _param(rngs, (h * k) ** -0.5, (h, k, d), ("heads", "kv", "embed"))
+
+  def project_kv(self, x):
+    """Keys and values [B, L, heads, kv]; separate so decoding can cache them."""
+    k = jnp.einsum("bld,dhk->blhk", x, self.key[...].astype(self.dtype))
+    v = jnp.einsum("bld,dhk->blhk", x, self.value[...].astype(self.dtype))
+    return k, v
+
+  def __call__(self, x, k, v, mask, bias, *, deterministic, rngs):
+    """x [B, Lq, D] attends to k, v [B, Lk, H, K]; mask bool and bias float32 broadcast to [B, H, Lq, Lk]."""
+    q = jnp.einsum("bqd,dhk->bqhk", x, self.query[...].astype(self.dtype))
+    logits = jnp.einsum("bqhk,bshk->bhqs", q, k, preferred_element_type=jnp.float32)
+    if bias is not None:
+      logits = logits + bias
+    probs = jax.nn.softmax(jnp.where(mask, logits, NEG_INF), axis=-1)
+    probs = _dropout(probs, self.dropout_rate, deterministic, rngs).astype(self.dtype)
+    ctx = jnp.einsum("bhqs,bshk->bqhk", probs, v)
+    return jnp.einsum("bqhk,hkd->bqd", ctx, self.out[...].astype(self.dtype))
+
+
+class MLP(nnx.Module):
+  """relu (v1.0) or gated tanh-gelu (v1.1: gelu(x wi_0) * (x wi_1)) feed-forward."""
+
+  def __init__(self, config: T5Config, *, rngs: nnx.Rngs):
+    d, f = config.d_model, config.d_ff
+    self.dtype, self.dropout_rate = config.compute_dtype, config.dropout_rate
+    self.gated = config.feed_forward_proj == "gated-gelu"
+    if self.gated:
+      self.wi_0 = _param(rngs, d**-0.5, (d, f), ("embed", "mlp"))
+      self.wi_1 = _param(rngs, d**-0.5, (d, f), ("embed", "mlp"))
+    else:
+      self.wi = _param(rngs, d**-0.5, (d, f), ("embed", "mlp"))
+    self.wo = _param(rngs, f**-0.5, (f, d), ("mlp", "embed"))
+
+  def __call__(self, x, *, deterministic, rngs):
+    dense = lambda w: jnp.einsum("bld,df->blf", x, w[...].astype(self.dtype))
+    if self.gated:
+      h = jax.nn.gelu(dense(self.wi_0), approximate=True) * dense(self.wi_1)  # HF gelu_new = tanh approx.
+    else:
+      h = jax.nn.relu(dense(self.wi))
+    h = _dropout(h, self.dropout_rate, deterministic, rngs)
+    return jnp.einsum("blf,fd->bld", h, self.wo[...].astype(self.dtype))
+
+
+class Block(nnx.Module):
+  """One pre-norm layer: self-attention, cross-attention (encoder-decoder decoder only), MLP."""
+
+  def __init__(self, config: T5Config, *, cross_attention: bool, rngs: nnx.Rngs):
+    self.dropout_rate = config.dropout_rate
+    self.self_attention_norm = RMSNorm(config)
+    self.self_attention = Attention(config, rngs=rngs)
+    if cross_attention:
+      self.cross_attention_norm = RMSNorm(config)
+      self.cross_attention = Attention(config, rngs=rngs)
+    else:
+      self.cross_attention_norm = self.cross_attention = None
+    self.mlp_norm = RMSNorm(config)
+    self.mlp = MLP(config, rngs=rngs)
+
+  def __call__(self, x, mask, bias, *, encoded, cross_mask, cache, index, deterministic, rngs):
+    """cache: None (whole sequences) or this layer's decoding cache, written at `index`."""
+    drop = lambda y: _dropout(y, self.dropout_rate, deterministic, rngs)
+    h = self.self_attention_norm(x)
+    k, v = self.self_attention.project_kv(h)
+    if cache is not None:
+      k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k, index, axis=1)
+      v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v, index, axis=1)
+      cache = {**cache, "k": k, "v": v}
+    x = x + drop(self.self_attention(h, k, v, mask, bias, deterministic=deterministic, rngs=rngs))
+    if self.cross_attention is not None:
+      h = self.cross_attention_norm(x)
+      ck, cv = (cache["cross_k"], cache["cross_v"]) if cache is not None else self.cross_attention.project_kv(encoded)
+      # T5 cross-attention has no position bias.
+      x = x + drop(self.cross_attention(h, ck, cv, cross_mask, None, deterministic=deterministic, rngs=rngs))
+    x = x + drop(self.mlp(self.mlp_norm(x), deterministic=deterministic, rngs=rngs))
+    return x, cache
+
+
+def relative_position_bucket(relative_position, *, bidirectional, num_buckets, max_distance):
+  """Mesh-TF / HF T5 bucketing of (key - query): exact below num_buckets/2 (per direction), log-spaced above.
+
+  numpy on the host, in float32 like HF, so the buckets are identical on every backend.
+  """
+  n = np.asarray(relative_position)
+  ret = 0
+  if bidirectional:
+    num_buckets //= 2
+    ret = (n > 0).astype(np.int32) * num_buckets
+    n = np.abs(n)
+  else:
+    n = np.maximum(-n, 0)  # the future all falls in bucket 0
+  max_exact = num_buckets // 2
+  log_ratio = np.log(np.maximum(n, max_exact).astype(np.float32) / np.float32(max_exact))
+  log_ratio = log_ratio / np.float32(math.log(max_distance / max_exact))
+  large = np.minimum(max_exact + (log_ratio * np.float32(num_buckets - max_exact)).astype(np.int32), num_buckets - 1)
+  return (ret + np.where(n < max_exact, n, large)).astype(np.int32)
+
+
+class Stack(nnx.Module):
+  """Encoder or decoder: the relative position bias table, the layers and a final norm."""
+
+  def __init__(self, config: T5Config, num_layers: int, *, causal: bool, cross_attention: bool, rngs: nnx.Rngs):
+    self.config, self.causal = config, causal
+    shape = (config.relative_attention_num_buckets, config.num_heads)
+    self.relpos_bias = _param(rngs, config.d_model**-0.5, shape, ("relpos_buckets", "heads"))
+    self.layers = nnx.List([Block(config, cross_attention=cross_attention, rngs=rngs) for _ in range(num_layers)])
+    self.final_norm = RMSNorm(config)
+
+  def position_bias(self, q_pos, k_pos):
+    """float32 [1, H, Lq, Lk]; computed once per stack and shared by all layers.
+
+    k_pos = arange(Lk); q_pos may be traced (decoding), so we look buckets up in a static table of all offsets.
+    """
+    num_keys = k_pos.shape[0]
+    table = relative_position_bucket(
+        np.arange(-num_keys + 1, num_keys),
+        bidirectional=not self.causal,
+        num_buckets=self.config.relative_attention_num_buckets,
+        max_distance=self.config.relative_attention_max_distance)
+    buckets = jnp.asarray(table)[k_pos[None, :] - q_pos[:, None] + num_keys - 1]
+    return jnp.take(self.relpos_bias[...], buckets, axis=0).transpose(2, 0, 1)[None]
+
+  def __call__(self, x, mask, bias, *, encoded=None, cross_mask=None, cache=None, index=None,
+               deterministic=True, rngs=None):
+    x = _dropout(x, self.config.dropout_rate, deterministic, rngs)
+    new_cache = []
+    for i, layer in enumerate(self.layers):
+      x, c = layer(x, mask, bias, encoded=encoded, cross_mask=cross_mask, cache=None if cache is None else cache[i],
+                   index=index, deterministic=deterministic, rngs=rngs)
+      new_cache.append(c)
+    x = _dropout(self.final_norm(x), self.config.dropout_rate, deterministic, rngs)
+    return x, (new_cache if cache is not None else None)
+
+
+def _segment_mask(q_segments, k_segments):
+  """[B, 1, Lq, Lk]: same segment, and the key is not padding (segment 0)."""
+  return ((q_segments[:, :, None] == k_segments[:, None, :]) & (k_segments[:, None, :] != 0))[:, None]
+
+
+# --- the model ---------------------------------------------------------------------------------------------
+
+
+class T5(nnx.Module):
+  """T5 encoder-decoder, or (architecture="decoder_only") a single prefix-LM decoder stack.
+
+  Params: `embedding` [vocab, embed], `lm_head` [embed, vocab] (untied only), `encoder.*`, `decoder.*`, e.g.
+  `encoder.relpos_bias`, `encoder.layers.0.self_attention.query`, `decoder.layers.1.cross_attention.out`,
+  `decoder.layers.1.mlp.wi_0`, `decoder.final_norm.scale`.
+  """
+
+  def __init__(self, config: T5Config, *, rngs: nnx.Rngs):
+    self.config = config
+    self.embedding = _param(rngs, 1.0, (config.vocab_size, config.d_model), ("vocab", "embed"))
+    encoder_decoder = config.architecture == "encoder_decoder"
+    if encoder_decoder:
+      self.encoder = Stack(config, config.num_encoder_layers, causal=False, cross_attention=False, rngs=rngs)
+    else:
+      self.encoder = None
+    self.decoder = Stack(config, config.num_decoder_layers, causal=True, cross_attention=encoder_decoder, rngs=rngs)
+    # HF initialises an untied lm_head with std 1.0; we follow t5x (fan-in, d_model**-0.5) so that
+    # initial logits are O(1) when training from scratch. Imported checkpoints overwrite it anyway.
+    self.lm_head = None if config.tie_word_embeddings else _param(
+        rngs, config.d_model**-0.5, (config.d_model, config.vocab_size), ("embed", "vocab"))
+
+  @classmethod
+  def from_params(cls, config: T5Config, params: dict) -> "T5":
+    """A model holding `params`, a nested dict shaped like `nnx.to_pure_dict(nnx.state(model, nnx.Param))`."""
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0))))
+    expected = {path: v.shape for path, v in nnx.to_flat_state(state)}
+    given = {path: v for path, v in nnx.to_flat_state(nnx.State(params))}
+    for path in expected.keys() - given.keys():
+      raise UserError(f"parameter {'.'.join(map(str, path))} is missing")
+    for path in given.keys() - expected.keys():
+      raise UserError(f"unexpected parameter {'.'.join(map(str, path))}")
+    for path, shape in expected.items():
+      if tuple(given[path].shape) != tuple(shape):
+        raise UserError(f"parameter {'.'.join(map(str, path))} has shape {tuple(given[path].shape)}, "
+                        f"expected {tuple(shape)}")
+    nnx.replace_by_pure_dict(state, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params))
+    return nnx.merge(graphdef, state)
+
+  def _embed(self, tokens):
+    return jnp.take(self.embedding[...], tokens, axis=0).astype(self.config.compute_dtype)
+
+  def _logits(self, x):
+    if self.config.tie_word_embeddings:  # v1.0 rescales before the tied output projection
+      return jnp.einsum("bld,vd->blv", x * self.config.d_model**-0.5, self.embedding[...].astype(x.dtype),
+                        preferred_element_type=jnp.float32)
+    return jnp.einsum("bld,dv->blv", x, self.lm_head[...].astype(x.dtype), preferred_element_type=jnp.float32)
+
+  def encode(self, tokens, segment_ids=None, *, deterministic=True, rngs=None):
+    """Encoder output [B, L, D] (compute dtype). segment_ids default to (tokens != 0)."""
+    if segment_ids is None:
+      segment_ids = (tokens != 0).astype(jnp.int32)
+    pos = jnp.arange(tokens.shape[1])
+    mask, bias = _segment_mask(segment_ids, segment_ids), self.encoder.position_bias(pos, pos)
+    x, _ = self.encoder(self._embed(tokens), mask, bias, deterministic=deterministic, rngs=rngs)
+    return x
+
+  def decode(self, tokens, encoded=None, encoder_segment_ids=None, *, segment_ids=None, causal_attention=None,
+             deterministic=True, rngs=None):
+    """Teacher-forced decoder logits [B, L, vocab] float32.
+
+    Encoder-decoder: `encoded` from `encode` and its `encoder_segment_ids` (for unpacked inputs,
+    encoder_input_tokens != 0). Decoder-only: `causal_attention` [B, L] marks the fully visible prefix.
+    """
+    length = tokens.shape[1]
+    pos = jnp.arange(length)
+    segments = jnp.ones_like(tokens) if segment_ids is None else segment_ids
+    visible = pos[None, None, :] <= pos[None, :, None]  # [1, Lq, Lk] causal
+    if causal_attention is not None:
+      prefix = causal_attention.astype(bool)
+      visible = visible | (prefix[:, :, None] & prefix[:, None, :])
+    mask = visible[:, None] & (segments[:, :, None] == segments[:, None, :])[:, None]
+    if (encoded is None) != (self.encoder is None) or (encoded is not None and encoder_segment_ids is None):
+      raise ValueError("decode() takes encoded and encoder_segment_ids for encoder-decoder models, neither otherwise")
+    cross_mask = None if encoded is None else _segment_mask(segments, encoder_segment_ids)
+    x, _ = self.decoder(self._embed(tokens), mask, self.decoder.position_bias(pos, pos), encoded=encoded,
+                        cross_mask=cross_mask, deterministic=deterministic, rngs=rngs)
+    return self._logits(x)
+
+  def __call__(self, batch: dict, *, deterministic: bool = True, rngs: nnx.Rngs | None = None):
+    """Logits [B, L, vocab] float32 for a seqio EncDec or PrefixLM feature-converter batch."""
+    if self.encoder is None:
+      return self.decode(batch["decoder_input_tokens"], segment_ids=batch.get("decoder_segment_ids"),
+                         causal_attention=batch.get("decoder_causal_attention"),
+                         deterministic=deterministic, rngs=rngs)
+    enc_tokens = batch["encoder_input_tokens"]
+    enc_segments = batch.get("encoder_segment_ids")
+    if enc_segments is None:
+      enc_segments = (enc_tokens != 0).astype(jnp.int32)
+    encoded = self.encode(enc_tokens, enc_segments, deterministic=deterministic, rngs=rngs)
+    return self.decode(batch["decoder_input_tokens"], encoded, enc_segments,
+                       segment_ids=batch.get("decoder_segment_ids"), deterministic=deterministic, rngs=rngs)
+
+  # --- incremental decoding (see t5mix/decode.py) ---
+
+  def init_cache(self, batch_size: int, max_length: int, encoded=None, encoder_segment_ids=None) -> dict:
+    """An empty decoding cache for `max_length` decoder positions: a pytree whose leaves all have batch dim 0.
+
+    For encoder-decoder models pass `encoded` and `encoder_segment_ids`: the cross-attention keys and values
+    are computed here once.
+    """
+    c = self.config
+    zeros = jnp.zeros((batch_size, max_length, c.num_heads, c.d_kv), c.compute_dtype)
+    layers = []
+    for layer in self.decoder.layers:
+      entry = {"k": zeros, "v": zeros}
+      if layer.cross_attention is not None:
+        entry["cross_k"], entry["cross_v"] = layer.cross_attention.project_kv(encoded)
+      layers.append(entry)
+    cache = {
+        "index": jnp.zeros((batch_size,), jnp.int32),  # next position to write; equal across the batch
+        "valid": jnp.zeros((batch_size, max_length), bool),  # written, non-padding positions
+        "layers": layers,
+    }
+    if self.encoder is not None:
+      cache["encoder_valid"] = encoder_segment_ids != 0
+    return cache
+
+  def decode_step(self, tokens, cache: dict, *, valid=None, prefix: bool = False):
+    """Feeds tokens [B, T] at cache["index"]; returns (logits [B, T, vocab] float32, new cache).
+
+    valid [B, T]: False marks padding (left padding of prompts). prefix=True makes the T tokens see each
+    other fully (prefix-LM prompt); otherwise attention is causal.
+    """
+    batch, length = tokens.shape
+    index = cache["index"][0]
+    if valid is None:
+      valid = jnp.ones((batch, length), bool)
+    key_valid = jax.lax.dynamic_update_slice_in_dim(cache["valid"], valid.astype(bool), index, axis=1)
+    q_pos = index + jnp.arange(length)
+    k_pos = jnp.arange(key_valid.shape[1])
+    visible = k_pos[None, :] <= q_pos[:, None]
+    if prefix:
+      visible = visible | (k_pos[None, :] < index + length)
+    mask = visible[None, None] & key_valid[:, None, None, :]
+    cross_mask = cache["encoder_valid"][:, None, None, :] if self.encoder is not None else None
+    x, layers = self.decoder(self._embed(tokens), mask, self.decoder.position_bias(q_pos, k_pos),
+                             cross_mask=cross_mask, cache=cache["layers"], index=index)
+    new_cache = {**cache, "index": cache["index"] + length, "valid": key_valid, "layers": layers}
+    return self._logits(x), new_cache

@@ -1,0 +1,406 @@
+"""Training: the mixture's batches through a jitted train step, with checkpoints you can resume.
+
+Read top to bottom: optimizer → loss → train step → checkpointing → the loop.
+
+Determinism: the dropout key of step s is `fold_in(key(seed), s)` and the data stream is a
+checkpointed tf.data iterator, so a run that is interrupted and resumed reaches the same
+parameters as one that is not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import tensorflow as tf
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from t5mix import config as config_lib
+from t5mix import input_pipeline
+from t5mix.errors import UserError
+from t5mix.model import T5, T5Config, load_model_config
+
+# ---------------------------------------------------------------------------------------------
+# Optimizer.
+
+
+def learning_rate_schedule(c: config_lib.OptimizerConfig, total_steps: int) -> optax.Schedule:
+  warmup = max(c.warmup_steps, 1)
+  if c.schedule == "constant":
+    return optax.linear_schedule(0.0, c.learning_rate, warmup) if c.warmup_steps else (
+        lambda step: c.learning_rate)
+  if c.schedule == "rsqrt":  # T5: constant for `warmup` steps, then ∝ 1/sqrt(step)
+    return lambda step: c.learning_rate * jnp.minimum(1.0, jnp.sqrt(warmup / jnp.maximum(step, 1)))
+  return optax.warmup_cosine_decay_schedule(0.0, c.learning_rate, warmup, max(total_steps, warmup + 1))
+
+
+def make_optimizer(c: config_lib.OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
+  schedule = learning_rate_schedule(c, total_steps)
+  if c.name == "adafactor":
+    # T5's Adafactor: factored second moments, no first moment, update clipping at 1.0.
+    opt = optax.adafactor(schedule, multiply_by_parameter_scale=False, clipping_threshold=1.0,
+                          weight_decay_rate=c.weight_decay or None)
+  else:
+    opt = optax.adamw(schedule, b1=c.b1, b2=c.b2, weight_decay=c.weight_decay)
+  if c.clip_norm:
+    opt = optax.chain(optax.clip_by_global_norm(c.clip_norm), opt)
+  if c.grad_accum_steps > 1:
+    opt = optax.MultiSteps(opt, every_k_schedule=c.grad_accum_steps)
+  return opt
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss.
+
+
+def token_losses(logits, targets, z_loss: float = 0.0, label_smoothing: float = 0.0):
+  """Per-token cross entropy (float32), with optional z-loss (PaLM/T5X) and label smoothing."""
+  logits = logits.astype(jnp.float32)
+  vocab = logits.shape[-1]
+  log_z = jax.nn.logsumexp(logits, axis=-1)
+  if label_smoothing:
+    confidence = 1.0 - label_smoothing
+    soft = jax.nn.one_hot(targets, vocab) * confidence + label_smoothing / vocab
+    loss = log_z - jnp.sum(soft * logits, axis=-1)
+  else:
+    loss = log_z - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  if z_loss:
+    loss = loss + z_loss * jnp.square(log_z)
+  return loss
+
+
+def batch_metrics(batch, losses, num_tasks: int):
+  """Sums for logging: loss and token count overall and per task, and examples per task."""
+  weights = batch["decoder_loss_weights"].astype(jnp.float32)
+  task_ids = batch[input_pipeline.TASK_IDS]
+  one_hot = jax.nn.one_hot(task_ids, num_tasks + 1, dtype=jnp.float32)  # 0 = padding
+  positions = batch.get("decoder_positions")
+  if positions is None:
+    positions = jnp.broadcast_to(jnp.arange(task_ids.shape[1]), task_ids.shape)
+  starts = ((positions == 0) & (task_ids > 0)).astype(jnp.float32)  # one per example
+  return {
+      "loss_sum": jnp.sum(losses * weights),
+      "tokens": jnp.sum(weights),
+      "task_loss_sum": jnp.einsum("bl,blt->t", losses * weights, one_hot),
+      "task_tokens": jnp.einsum("bl,blt->t", weights, one_hot),
+      "task_examples": jnp.einsum("bl,blt->t", starts, one_hot),
+  }
+
+
+# ---------------------------------------------------------------------------------------------
+# Train step.
+
+
+@dataclasses.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+def make_train_step(graphdef, optimizer, c: config_lib.TrainConfig, num_tasks: int):
+  def loss_fn(params, batch, dropout_key):
+    model = nnx.merge(graphdef, params)
+    logits = model(batch, deterministic=False, rngs=nnx.Rngs(dropout=dropout_key))
+    losses = token_losses(logits, batch["decoder_target_tokens"], c.z_loss, c.label_smoothing)
+    weights = batch["decoder_loss_weights"].astype(jnp.float32)
+    loss = jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1.0)  # per target token
+    return loss, losses
+
+  def train_step(state: TrainState, batch, base_key):
+    dropout_key = jax.random.fold_in(base_key, state.step)
+    (loss, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, dropout_key)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = batch_metrics(batch, jax.lax.stop_gradient(losses), num_tasks)
+    metrics["loss"] = loss
+    metrics["grad_norm"] = optax.global_norm(grads)
+    return TrainState(state.step + 1, params, opt_state), metrics
+
+  return train_step
+
+
+jax.tree_util.register_dataclass(TrainState, data_fields=["step", "params", "opt_state"],
+                                 meta_fields=[])
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: orbax for the train state, a small orbax handler for the tf.data iterator.
+
+
+class DataIteratorHandler(ocp.CheckpointHandler):
+  """Saves/restores a tf.data iterator's position (tf.train.Checkpoint), one file set per process.
+
+  orbax has no handler for tf.data iterators (grain has its own); this is the whole of it.
+  """
+
+  def save(self, directory, args: "DataIteratorSave"):
+    tf.train.Checkpoint(iterator=args.iterator).write(
+        os.path.join(str(directory), f"process_{jax.process_index()}"))
+
+  def restore(self, directory, args: "DataIteratorRestore"):
+    tf.train.Checkpoint(iterator=args.iterator).read(
+        os.path.join(str(directory), f"process_{jax.process_index()}")).assert_consumed()
+    return args.iterator
+
+
+@ocp.args.register_with_handler(DataIteratorHandler, for_save=True)
+@dataclasses.dataclass
+class DataIteratorSave(ocp.args.CheckpointArgs):
+  iterator: Any
+
+
+@ocp.args.register_with_handler(DataIteratorHandler, for_restore=True)
+@dataclasses.dataclass
+class DataIteratorRestore(ocp.args.CheckpointArgs):
+  iterator: Any
+
+
+def checkpoint_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
+  return ocp.CheckpointManager(
+      os.path.join(os.path.abspath(workdir), "checkpoints"),
+      options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+      item_names=("state", "data"))
+
+
+def restore_params(path: str, abstract_params):
+  """Parameters only, from a workdir (latest checkpoint) or a checkpoint step directory."""
+  path = os.path.abspath(path)
+  if not os.path.exists(path):
+    raise UserError(f"--init-from {path}: no such workdir or checkpoint")
+  ckpt_dir = os.path.join(path, "checkpoints")
+  if os.path.isdir(ckpt_dir):
+    manager = ocp.CheckpointManager(ckpt_dir, item_names=("state", "data"))
+    step = manager.latest_step()
+    if step is None:
+      raise UserError(f"--init-from {path}: workdir has no checkpoint")
+    path = os.path.join(ckpt_dir, str(step))
+  state_dir = os.path.join(path, "state")
+  if not os.path.isdir(state_dir):
+    raise UserError(f"--init-from {path}: not a t5mix checkpoint (no state/ directory)")
+  abstract = {"params": abstract_params}
+  try:
+    restored = ocp.PyTreeCheckpointer().restore(state_dir, args=ocp.args.PyTreeRestore(
+        item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+        partial_restore=True))
+  except (ValueError, KeyError, FileNotFoundError) as e:
+    raise UserError(f"--init-from {path}: cannot restore parameters "
+                    f"({str(e).splitlines()[0][:200]})") from None
+  return restored["params"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop.
+
+
+class _Stop:
+  """SIGTERM/SIGINT ask the loop to save a checkpoint and exit, instead of dying mid-step."""
+
+  def __init__(self):
+    self.requested = None
+    self._old = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      self._old[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    if self.requested is not None:  # a second Ctrl-C: stop now
+      raise KeyboardInterrupt
+    self.requested = signal.Signals(signum).name
+
+  def __exit__(self, *exc):
+    for sig, handler in self._old.items():
+      signal.signal(sig, handler)
+
+
+def build_model(c: config_lib.TrainConfig) -> tuple[T5, T5Config]:
+  model_config = load_model_config(c.model)
+  if c.model_overrides:
+    model_config = dataclasses.replace(model_config, **_checked_overrides(model_config, c.model_overrides))
+  return model_config
+
+
+def _checked_overrides(model_config, overrides):
+  fields = {f.name for f in dataclasses.fields(model_config)}
+  for key in overrides:
+    if key not in fields:
+      raise UserError(f"unknown config key 'model_overrides.{key}'")
+  return overrides
+
+
+def train(c: config_lib.TrainConfig, workdir: str, *, init_from: str | None = None,
+          quiet: bool = False, log=print) -> dict:
+  """Trains per config `c` in `workdir` (resuming if it holds checkpoints); returns final metrics."""
+  os.makedirs(workdir, exist_ok=True)
+  if not os.access(workdir, os.W_OK):
+    raise UserError(f"{workdir}: workdir is not writable")
+  model_config = build_model(c)
+  tasks = input_pipeline.leaf_tasks(c.data.mixture)
+  vocab = tasks[0].output_features["targets"].vocabulary
+  from t5mix.vocab import check_vocabulary
+  check_vocabulary(vocab)
+  if "vocab_size" not in c.model_overrides:  # the vocabulary decides, padded for fast matmuls
+    model_config = dataclasses.replace(model_config, vocab_size=_round_up(vocab.vocab_size, 128))
+  elif vocab.vocab_size > model_config.vocab_size:
+    raise UserError(f"config key 'model_overrides.vocab_size' ({model_config.vocab_size}) is "
+                    f"smaller than the vocabulary ({vocab.vocab_size})")
+  config_lib.save(c, os.path.join(workdir, "config.yaml"))
+  _save_model_config(model_config, os.path.join(workdir, "model.yaml"))
+
+  mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  if c.data.batch_size % jax.device_count():
+    raise UserError(f"config key 'data.batch_size' ({c.data.batch_size}) must be divisible by "
+                    f"the number of devices ({jax.device_count()})")
+  replicated = NamedSharding(mesh, P())
+  batch_sharding = NamedSharding(mesh, P("data"))
+
+  model = T5(model_config, rngs=nnx.Rngs(c.seed))
+  graphdef, params = nnx.split(model, nnx.Param)
+  if init_from:
+    params = restore_params(init_from, params)
+    log(f"initialised parameters from {init_from}")
+  optimizer = make_optimizer(c.optimizer, c.steps)
+  state = TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+  state = jax.device_put(state, replicated)
+
+  lengths = {"inputs": c.data.inputs_length, "targets": c.data.targets_length}
+  dataset = input_pipeline.get_dataset(
+      c.data.mixture, "train", lengths, seed=c.seed, shuffle=c.data.shuffle, pack=c.data.pack,
+      architecture=model_config.architecture)
+  dataset = dataset.batch(c.data.batch_size, drop_remainder=True).prefetch(2)
+  data_iter = iter(dataset)
+
+  manager = checkpoint_manager(workdir, c.keep_checkpoints)
+  start = manager.latest_step()
+  if start is not None:
+    try:
+      restored = manager.restore(start, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(state), data=DataIteratorRestore(data_iter)))
+    except (ValueError, KeyError) as e:
+      raise UserError(f"{workdir}/checkpoints/{start}: does not match this config (different "
+                      f"model or optimizer?): {str(e).splitlines()[0][:160]}; use a new --workdir "
+                      f"or --init-from to start from its parameters") from None
+    state = jax.device_put(restored["state"], replicated)
+    log(f"resumed from checkpoint at step {start}")
+  start = int(state.step)
+
+  train_step = jax.jit(make_train_step(graphdef, optimizer, c, len(tasks)),
+                       donate_argnums=(0,), out_shardings=(replicated, replicated))
+  base_key = jax.random.key(c.seed)
+  writer = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+  names = [t.name for t in tasks]
+  totals = {"task_examples": np.zeros(len(names) + 1)}
+  pending, history = [], []
+  last = {"time": time.time(), "step": start}
+  tokens_per_step = c.data.batch_size * (c.data.inputs_length + c.data.targets_length)
+  num_params = sum(x.size for x in jax.tree.leaves(params))
+  log(f"training {model_config.architecture} ({num_params / 1e6:.2f}M parameters) on "
+      f"{c.data.mixture!r} for {c.steps} steps, batch {c.data.batch_size} x "
+      f"({c.data.inputs_length}+{c.data.targets_length}) tokens, {jax.device_count()} "
+      f"{jax.devices()[0].platform} device(s); workdir {workdir}")
+
+  def flush(step):
+    """Fetches pending step metrics (one host sync per log period), logs, checks for NaN."""
+    fetched = jax.device_get(pending)
+    for i, m in enumerate(fetched):
+      if not np.isfinite(m["loss"]):
+        bad = step - len(fetched) + i + 1
+        task_hint = ", ".join(n for n, t in zip(names, m["task_tokens"][1:]) if t > 0)
+        raise UserError(f"non-finite loss at step {bad} (batch had tasks: {task_hint}); "
+                        f"stopped; the last good checkpoint is kept in {workdir}/checkpoints")
+    pending.clear()
+    if not fetched:
+      return None
+    loss_sum = sum(m["loss_sum"] for m in fetched)
+    tokens = sum(m["tokens"] for m in fetched)
+    task_loss = sum(m["task_loss_sum"] for m in fetched)
+    task_tokens = sum(m["task_tokens"] for m in fetched)
+    for m in fetched:
+      totals["task_examples"] += m["task_examples"]
+    now = time.time()
+    steps_per_s = (step - last["step"]) / max(now - last["time"], 1e-9)
+    last.update(time=now, step=step)
+    record = {"step": step, "loss": float(loss_sum / max(tokens, 1)), "steps_per_s": steps_per_s,
+              "tokens_per_s": steps_per_s * tokens_per_step,
+              "grad_norm": float(fetched[-1]["grad_norm"]),
+              "task_loss": {n: float(task_loss[i + 1] / task_tokens[i + 1])
+                            for i, n in enumerate(names) if task_tokens[i + 1] > 0},
+              "task_examples": {n: int(totals["task_examples"][i + 1]) for i, n in enumerate(names)}}
+    history.append(record)
+    with writer.as_default(step=step):
+      tf.summary.scalar("loss", record["loss"])
+      tf.summary.scalar("steps_per_s", steps_per_s)
+      tf.summary.scalar("grad_norm", record["grad_norm"])
+      for n, v in record["task_loss"].items():
+        tf.summary.scalar(f"task_loss/{n}", v)
+      for n, v in record["task_examples"].items():
+        tf.summary.scalar(f"task_examples/{n}", v)
+    if not quiet:
+      eta = (c.steps - step) / max(steps_per_s, 1e-9)
+      per_task = " ".join(f"{n}={v:.2f}" for n, v in record["task_loss"].items())
+      log(f"step {step:>6}/{c.steps}  loss {record['loss']:.4f}  {steps_per_s:.2f} steps/s  "
+          f"{record['tokens_per_s']:,.0f} tok/s  eta {_duration(eta)}  | {per_task}")
+    return record
+
+  def save(step):
+    flush(step)  # never checkpoint a state whose loss went non-finite
+    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                               data=DataIteratorSave(data_iter)), force=True)
+
+  step = start
+  with _Stop() as stop:
+    while step < c.steps:
+      try:
+        batch = next(data_iter)
+      except StopIteration:
+        raise UserError(f"mixture {c.data.mixture!r} ran out of training examples") from None
+      batch = jax.device_put({k: v.numpy() for k, v in batch.items()}, batch_sharding)
+      state, metrics = train_step(state, batch, base_key)
+      pending.append(metrics)
+      step += 1
+      if step % c.log_every == 0 or step == c.steps:
+        flush(step)
+      if step % c.checkpoint_every == 0 or step == c.steps:
+        save(step)
+      if stop.requested:
+        save(step)
+        manager.wait_until_finished()
+        log(f"{stop.requested}: saved checkpoint at step {step} in {workdir}; rerun to resume")
+        raise SystemExit(143 if stop.requested == "SIGTERM" else 130)
+  manager.wait_until_finished()
+  writer.flush()
+  final = history[-1] if history else {}
+  summary = {"step": step, "loss": final.get("loss"),
+             "task_examples": final.get("task_examples", {}),
+             "checkpoints": os.path.join(workdir, "checkpoints")}
+  log(f"done: step {step}, loss {summary['loss']}; examples seen per task: "
+      f"{summary['task_examples']}; checkpoints in {summary['checkpoints']}, TensorBoard logs in "
+      f"{os.path.join(workdir, 'tensorboard')}")
+  return summary
+
+
+def _save_model_config(model_config: T5Config, path: str) -> None:
+  import yaml
+  with open(path, "w") as f:
+    yaml.safe_dump(dataclasses.asdict(model_config), f, sort_keys=False)
+
+
+def _round_up(n: int, multiple: int) -> int:
+  return (n + multiple - 1) // multiple * multiple
+
+
+def _duration(seconds: float) -> str:
+  seconds = int(seconds)
+  return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+

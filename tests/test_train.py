@@ -1,0 +1,125 @@
+"""Training: loss goes down, resume equals no interruption, init-from, SIGTERM, NaN, config errors."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from t5mix import config as config_lib
+from t5mix import definitions, train
+from t5mix.errors import UserError
+
+TINY = ["model=tiny", "data.mixture=demo_supervised", "data.batch_size=8", "data.inputs_length=64",
+        "data.targets_length=16", "log_every=5", "optimizer.warmup_steps=5"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def builtin_definitions():
+  definitions.load()
+
+
+def _config(*overrides):
+  return config_lib.load(None, TINY + list(overrides))
+
+
+def _params(workdir, step):
+  path = os.path.join(workdir, "checkpoints", str(step), "state")
+  return ocp.StandardCheckpointer().restore(path)["params"]
+
+
+def _run(workdir, *overrides, **kwargs):
+  return train.train(_config(*overrides), str(workdir), quiet=True, log=lambda *a: None, **kwargs)
+
+
+def test_resume_after_interruption_equals_uninterrupted(tmp_path):
+  full = tmp_path / "full"
+  _run(full, "steps=20", "checkpoint_every=10", "log_every=10")
+  # Simulate a kill between checkpoints: drop the last checkpoint and rerun the same command.
+  interrupted = tmp_path / "interrupted"
+  shutil.copytree(full, interrupted)
+  shutil.rmtree(interrupted / "checkpoints" / "20")
+  _run(interrupted, "steps=20", "checkpoint_every=10", "log_every=10")
+  a, b = _params(full, 20), _params(interrupted, 20)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(x, y, rtol=0, atol=1e-6)
+
+
+def test_loss_goes_down_and_tasks_are_counted(tmp_path):
+  lines = []
+  summary = train.train(_config("steps=40", "log_every=10"), str(tmp_path), quiet=False,
+                        log=lines.append)
+  losses = [float(line.split("loss ")[1].split()[0]) for line in lines if line.startswith("step")]
+  assert len(losses) == 4
+  assert losses[-1] < 0.7 * losses[0], losses
+  counts = summary["task_examples"]
+  assert set(counts) == {"demo_sentiment", "demo_qa", "demo_ner"}
+  assert all(n > 0 for n in counts.values())
+  assert os.listdir(tmp_path / "tensorboard")
+
+
+def test_init_from_loads_parameters_only(tmp_path):
+  _run(tmp_path / "base", "steps=10", "checkpoint_every=10")
+  base = _params(tmp_path / "base", 10)
+  seen = []
+  train.train(_config("steps=1", "optimizer.learning_rate=1e-9", "optimizer.schedule=constant",
+                      "optimizer.warmup_steps=0", "model_overrides={dropout_rate: 0.0}"),
+              str(tmp_path / "ft"), init_from=str(tmp_path / "base"), quiet=True, log=seen.append)
+  assert any("initialised parameters" in line for line in seen)
+  tuned = _params(tmp_path / "ft", 1)  # step 1: one tiny update on top of the base parameters
+  for x, y in zip(jax.tree.leaves(base), jax.tree.leaves(tuned)):
+    np.testing.assert_allclose(x, y, atol=1e-5)
+  with pytest.raises(UserError, match="no such workdir"):
+    _run(tmp_path / "x", "steps=1", init_from=str(tmp_path / "missing"))
+
+
+def test_non_finite_loss_stops_with_step_and_keeps_checkpoint(tmp_path):
+  adamw = ["optimizer.name=adamw", "optimizer.clip_norm=0", "optimizer.schedule=constant",
+           "optimizer.warmup_steps=0"]
+  _run(tmp_path, "steps=5", "checkpoint_every=5", *adamw)
+  with pytest.raises(UserError, match=r"non-finite loss at step \d+"):
+    _run(tmp_path, "steps=40", "checkpoint_every=5", "optimizer.learning_rate=1e30", *adamw)
+  steps = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit())
+  for step in steps:  # every kept checkpoint holds finite parameters
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(_params(tmp_path, step)))
+
+
+def test_resuming_with_another_optimizer_is_a_clear_error(tmp_path):
+  _run(tmp_path, "steps=2", "checkpoint_every=2")
+  with pytest.raises(UserError, match="does not match this config"):
+    _run(tmp_path, "steps=4", "optimizer.name=adamw")
+
+
+def test_config_errors():
+  with pytest.raises(UserError, match="unknown config key 'optimizer.lerning_rate'.*learning_rate"):
+    config_lib.load(None, ["optimizer.lerning_rate=1"])
+  with pytest.raises(UserError, match="'data.batch_size' must be positive"):
+    config_lib.load(None, ["data.batch_size=-4"])
+  with pytest.raises(UserError, match="'steps': expected int"):
+    config_lib.load(None, ["steps=many"])
+  with pytest.raises(UserError, match="'optimizer.name'"):
+    config_lib.load(None, ["optimizer.name=sgd"])
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint(tmp_path):
+  env = dict(os.environ, PYTHONUNBUFFERED="1")
+  cmd = [sys.executable, "-m", "t5mix.cli", "train", "--workdir", str(tmp_path), "--set",
+         "steps=100000", "--set", "checkpoint_every=100000", "--set", "log_every=2"] + [
+             x for o in TINY for x in ("--set", o)]
+  proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+  deadline = time.time() + 240
+  for line in proc.stdout:
+    if line.startswith("step") or time.time() > deadline:
+      break
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 143, out
+  assert "SIGTERM: saved checkpoint at step" in out
+  assert any(s.isdigit() for s in os.listdir(tmp_path / "checkpoints"))

@@ -64,6 +64,21 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--quiet", action="store_true", help="no per-step progress lines")
   _common(p)
 
+  p = sub.add_parser("import-hf", help="make a workdir from a HuggingFace T5 checkpoint directory",
+                     description="Read config.json + model.safetensors (never pickle) of a T5 v1.0, "
+                                 "v1.1, flan-t5 or mT5 checkpoint; write model.yaml, spiece.model "
+                                 "and a step-0 parameter checkpoint into --out.")
+  p.add_argument("hf_dir")
+  p.add_argument("--out", required=True, metavar="WORKDIR")
+
+  p = sub.add_parser("export-hf", help="write a workdir's parameters as a HuggingFace T5 directory",
+                     description="Write config.json + model.safetensors (+ spiece.model) loadable "
+                                 "by transformers' T5ForConditionalGeneration.")
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--out", required=True, metavar="HF_DIR")
+  p.add_argument("--checkpoint", metavar="STEP", help="checkpoint step (default: latest)")
+  p.add_argument("--vocab-file", help="SentencePiece model to copy as spiece.model")
+
   p = sub.add_parser("vocab", help="vocabulary tools")
   vsub = p.add_subparsers(dest="vocab_command", metavar="COMMAND", required=True)
   v = vsub.add_parser("train", help="train a SentencePiece vocabulary on the text of tasks",
@@ -80,18 +95,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _load_definitions(args) -> None:
   from t5mix import definitions, registry
+  tasks_dir, modules = list(getattr(args, "tasks_dir", [])), list(getattr(args, "module", []))
+  vocab = getattr(args, "vocab", None)
   if getattr(args, "config", None):  # a run config may name its own definitions
     from t5mix import config as config_lib
     c = config_lib.load(args.config, getattr(args, "set", []))
-    args.tasks_dir = list(args.tasks_dir) + list(c.data.tasks_dir)
-    args.module = list(args.module) + list(c.data.module)
-    args.vocab = args.vocab or c.data.vocab
-  if args.tfds_data_dir:
+    tasks_dir += c.data.tasks_dir
+    modules += c.data.module
+    vocab = vocab or c.data.vocab
+  if getattr(args, "tfds_data_dir", None):
     registry.TFDS_DATA_DIR = args.tfds_data_dir
-  if args.vocab:
-    registry.DEFAULT_VOCABULARY = os.path.abspath(args.vocab) if args.vocab not in (
-        "byte", "demo") else args.vocab
-  definitions.load(args.tasks_dir, args.module)
+  if vocab:
+    registry.DEFAULT_VOCABULARY = vocab if vocab in ("byte", "demo") else os.path.abspath(vocab)
+  definitions.load(tasks_dir, modules)
 
 
 def _import_quietly() -> None:
@@ -271,7 +287,23 @@ def cmd_train(args) -> int:
   return 0
 
 
-COMMANDS = {"tasks": cmd_tasks, "show": cmd_show, "train": cmd_train, "vocab": cmd_vocab}
+def cmd_import_hf(args) -> int:
+  from t5mix import convert
+  path = convert.import_hf(args.hf_dir, args.out)
+  print(f"wrote {path}; fine-tune with: t5mix train --set model={os.path.join(args.out, 'model.yaml')} "
+        f"--init-from {args.out}")
+  return 0
+
+
+def cmd_export_hf(args) -> int:
+  from t5mix import convert
+  convert.export_hf(args.workdir, args.out, args.checkpoint, args.vocab_file)
+  print(f"wrote {args.out}")
+  return 0
+
+
+COMMANDS = {"tasks": cmd_tasks, "show": cmd_show, "train": cmd_train, "vocab": cmd_vocab,
+            "import-hf": cmd_import_hf, "export-hf": cmd_export_hf}
 
 if __name__ == "__main__":
   sys.exit(main())

@@ -1,0 +1,209 @@
+"""Train-step throughput: t5mix vs HuggingFace T5 (PyTorch, and Flax where it still runs), same run.
+
+    python benchmarks/train_throughput.py [--steps 12] [--batch 16] [--json out.json]
+
+Every framework trains the same T5 shape on the same random batch with AdamW in float32; steps
+are interleaved (one step of each in turn) so that machine noise hits all alike, and each
+reports the median step time after warm-up. Also measures this machine's matmul peak with a
+large jnp.dot and reports model FLOP/s as a fraction of it (MFU on this machine). Needs the
+`bench` peers (`pip install -e .[test]`: torch, transformers); a peer that cannot run is listed
+with the reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from t5mix import config as config_lib  # noqa: E402
+from t5mix.model import T5, T5Config  # noqa: E402
+from t5mix.train import TrainState, make_train_step  # noqa: E402
+
+SHAPE = dict(vocab_size=32128, d_model=256, d_kv=64, d_ff=1024, num_heads=4, num_encoder_layers=4,
+             num_decoder_layers=4, dropout_rate=0.0, feed_forward_proj="gated-gelu",
+             tie_word_embeddings=False)
+
+
+def model_flops_per_step(c: T5Config, batch: int, enc_len: int, dec_len: int) -> float:
+  """Matmul FLOPs of one training step (forward ×3), counted from the architecture."""
+  inner = c.num_heads * c.d_kv
+  ffn = (3 if c.feed_forward_proj == "gated-gelu" else 2) * c.d_model * c.d_ff
+  enc = c.num_encoder_layers * (4 * c.d_model * inner * enc_len + 2 * enc_len * enc_len * inner
+                                + ffn * enc_len)
+  dec = c.num_decoder_layers * (
+      4 * c.d_model * inner * dec_len + 2 * dec_len * dec_len * inner          # self-attention
+      + 2 * c.d_model * inner * dec_len + 2 * c.d_model * inner * enc_len       # cross q,o / k,v
+      + 2 * dec_len * enc_len * inner + ffn * dec_len)
+  head = c.d_model * c.vocab_size * dec_len
+  return 3 * 2 * batch * (enc + dec + head)
+
+
+def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
+  a = jnp.ones((n, n), jnp.float32)
+  f = jax.jit(lambda x, y: x @ y)
+  f(a, a).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    t = time.perf_counter()
+    f(a, a).block_until_ready()
+    best = min(best, time.perf_counter() - t)
+  return 2 * n ** 3 / best
+
+
+def batch_arrays(batch: int, enc_len: int, dec_len: int, vocab: int):
+  rng = np.random.default_rng(0)
+  enc = rng.integers(2, vocab, (batch, enc_len)).astype(np.int32)
+  tgt = rng.integers(2, vocab, (batch, dec_len)).astype(np.int32)
+  dec_in = np.concatenate([np.zeros((batch, 1), np.int32), tgt[:, :-1]], axis=1)
+  return enc, dec_in, tgt
+
+
+def t5mix_runner(c: T5Config, enc, dec_in, tgt):
+  model = T5(c, rngs=nnx.Rngs(0))
+  graphdef, params = nnx.split(model, nnx.Param)
+  tc = config_lib.load(None, ["z_loss=0", "optimizer.name=adamw", "optimizer.clip_norm=0",
+                              "optimizer.schedule=constant", "optimizer.warmup_steps=0",
+                              "optimizer.learning_rate=1e-4"])
+  optimizer = optax.adamw(1e-4)
+  state = TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+  batch = {"encoder_input_tokens": enc, "decoder_input_tokens": dec_in, "decoder_target_tokens": tgt,
+           "decoder_loss_weights": np.ones_like(tgt), "task_ids": np.ones_like(tgt)}
+  batch = jax.device_put(batch)
+  step_fn = jax.jit(make_train_step(graphdef, optimizer, tc, num_tasks=1), donate_argnums=(0,))
+  key = jax.random.key(0)
+  box = [state]
+
+  def step():
+    box[0], metrics = step_fn(box[0], batch, key)
+    metrics["loss"].block_until_ready()
+  return step
+
+
+def hf_torch_runner(c: T5Config, enc, dec_in, tgt):
+  import torch
+  import transformers
+  torch.manual_seed(0)
+  hf_config = transformers.T5Config(
+      vocab_size=c.vocab_size, d_model=c.d_model, d_kv=c.d_kv, d_ff=c.d_ff, num_heads=c.num_heads,
+      num_layers=c.num_encoder_layers, num_decoder_layers=c.num_decoder_layers, dropout_rate=0.0,
+      feed_forward_proj=c.feed_forward_proj, tie_word_embeddings=c.tie_word_embeddings)
+  model = transformers.T5ForConditionalGeneration(hf_config).train()
+  optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+  enc_t, dec_t, tgt_t = (torch.tensor(x, dtype=torch.long) for x in (enc, dec_in, tgt))
+
+  def step():
+    optimizer.zero_grad(set_to_none=True)
+    out = model(input_ids=enc_t, decoder_input_ids=dec_t, labels=tgt_t)
+    out.loss.backward()
+    optimizer.step()
+  return step
+
+
+def hf_flax_runner(c: T5Config, enc, dec_in, tgt):
+  import transformers
+  if not hasattr(transformers, "FlaxT5ForConditionalGeneration"):
+    raise RuntimeError("this transformers has no Flax T5")
+  # transformers 4.x calls jnp.clip(x, a_min=…, a_max=…), which current JAX removed: shim it.
+  _clip = jnp.clip
+
+  def clip(x, a_min=None, a_max=None, **kw):
+    return _clip(x, kw.get("min", a_min), kw.get("max", a_max))
+  jnp.clip = clip
+  hf_config = transformers.T5Config(
+      vocab_size=c.vocab_size, d_model=c.d_model, d_kv=c.d_kv, d_ff=c.d_ff, num_heads=c.num_heads,
+      num_layers=c.num_encoder_layers, num_decoder_layers=c.num_decoder_layers, dropout_rate=0.0,
+      feed_forward_proj=c.feed_forward_proj, tie_word_embeddings=c.tie_word_embeddings)
+  model = transformers.FlaxT5ForConditionalGeneration(hf_config, seed=0)
+  optimizer = optax.adamw(1e-4)
+  params = model.params
+  opt_state = optimizer.init(params)
+
+  def loss_fn(params):
+    logits = model(input_ids=enc, decoder_input_ids=dec_in, params=params, train=False).logits
+    return optax.softmax_cross_entropy_with_integer_labels(logits, tgt).mean()
+
+  @jax.jit
+  def train_step(params, opt_state):
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  box = [params, opt_state]
+
+  def step():
+    box[0], box[1], loss = train_step(box[0], box[1])
+    loss.block_until_ready()
+  return step
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--steps", type=int, default=12, help="timed steps per framework (after 2 warm-up)")
+  parser.add_argument("--batch", type=int, default=16)
+  parser.add_argument("--inputs-length", type=int, default=128)
+  parser.add_argument("--targets-length", type=int, default=32)
+  parser.add_argument("--json", help="write results here")
+  parser.add_argument("--only", nargs="*", help="subset of: t5mix hf_torch hf_flax")
+  args = parser.parse_args()
+
+  c = T5Config(**SHAPE)
+  enc, dec_in, tgt = batch_arrays(args.batch, args.inputs_length, args.targets_length, c.vocab_size)
+  runners = {}
+  errors = {}
+  for name, make in [("t5mix", t5mix_runner), ("hf_torch", hf_torch_runner), ("hf_flax", hf_flax_runner)]:
+    if args.only and name not in args.only:
+      continue
+    try:
+      runners[name] = make(c, enc, dec_in, tgt)
+      for _ in range(2):  # compile / warm up
+        runners[name]()
+    except Exception as e:  # a peer that cannot run here is reported, not fatal
+      errors[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+      runners.pop(name, None)
+  times = {name: [] for name in runners}
+  for _ in range(args.steps):
+    for name, step in runners.items():
+      t = time.perf_counter()
+      step()
+      times[name].append(time.perf_counter() - t)
+  peak = matmul_peak()
+  flops = model_flops_per_step(c, args.batch, args.inputs_length, args.targets_length)
+  tokens = args.batch * (args.inputs_length + args.targets_length)
+  results = {"machine": {"devices": str(jax.devices()), "cpu_count": os.cpu_count()},
+             "shape": SHAPE, "batch": args.batch, "inputs_length": args.inputs_length,
+             "targets_length": args.targets_length, "matmul_peak_flops": peak,
+             "model_flops_per_step": flops, "frameworks": {}, "unavailable": errors}
+  print(f"matmul peak on this machine: {peak / 1e9:.1f} GFLOP/s; model FLOPs per step {flops / 1e9:.1f} G")
+  print(f"{'framework':<10} {'median s/step':>14} {'tokens/s':>10} {'MFU':>6}")
+  for name, ts in times.items():
+    median = statistics.median(ts)
+    r = {"median_step_s": median, "tokens_per_s": tokens / median, "mfu": flops / median / peak}
+    results["frameworks"][name] = r
+    print(f"{name:<10} {median:>14.4f} {r['tokens_per_s']:>10,.0f} {100 * r['mfu']:>5.1f}%")
+  base = results["frameworks"].get("t5mix")
+  if base:
+    for name, r in results["frameworks"].items():
+      if name != "t5mix":
+        print(f"t5mix / {name}: {base['tokens_per_s'] / r['tokens_per_s']:.2f}x tokens/s")
+  for name, e in errors.items():
+    print(f"{name}: unavailable ({e})")
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+  main()

@@ -126,8 +126,19 @@ class _Mixture(seqio.Mixture):
     return float(rate(mix) if callable(rate) else rate)
 
 
-def add_mixture(spec: MixtureSpec) -> seqio.Mixture:
-  """Registers a mixture; its tasks (and sub-mixtures) must already be registered."""
+def add_mixture(name: str | MixtureSpec | None = None, *, spec: MixtureSpec | None = None,
+                **kwargs) -> seqio.Mixture:
+  """Registers a mixture; its tasks (and sub-mixtures) must already be registered.
+
+  The Python-module way to add one:
+
+      t5mix.add_mixture("my_mix", tasks=["my_sst2", "my_rte"], rate="temperature", temperature=2)
+  """
+  if isinstance(name, MixtureSpec):
+    spec = name
+  if spec is None:
+    origin = kwargs.pop("origin", "<python>")
+    spec = MixtureSpec.from_dict({"name": name, **kwargs}, origin=origin)
   from t5mix.registry import get_task_or_mixture  # registry imports nothing from here
 
   where = f"{spec.origin}: mixture {spec.name!r}"

@@ -196,3 +196,17 @@ def test_demo_mixture_table():
   expected = _theory(list(sizes.values()), temperature=2.0)
   np.testing.assert_allclose([rows[n].rate for n in sizes], expected)
   assert sum(r.per_1000 for r in rows.values()) == pytest.approx(1000)
+
+
+def test_mixture_from_a_python_module(tasks, tmp_path, capsys):
+  from t5mix import cli
+  name = _unique("module_mix")
+  module = tmp_path / "my_mixtures.py"
+  module.write_text(f"import t5mix\n"
+                    f"t5mix.add_mixture({name!r}, tasks=[{tasks['tiny']!r}, {tasks['large']!r}],\n"
+                    f"                  rate='temperature', temperature=4.0, maximum=1000)\n")
+  assert cli.main(["show", name, "--module", str(module), "--plot", str(tmp_path / "r.png")]) == 0
+  out = capsys.readouterr().out
+  expected = _theory([SIZES["tiny"], SIZES["large"]], temperature=4.0, maximum=1000)
+  assert f"{100 * expected[0]:.2f}" in out and f"{100 * expected[1]:.2f}" in out
+  assert (tmp_path / "r.png").stat().st_size > 1000

@@ -11,6 +11,8 @@ import argparse
 import os
 import sys
 
+from t5mix import eval_cli  # light: parsers and commands of eval/predict/embed
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before TensorFlow is imported
 
 
@@ -25,6 +27,20 @@ def _common(parser: argparse.ArgumentParser) -> None:
                           "'demo' (default: $T5MIX_VOCAB or byte)")
   group.add_argument("--tfds-data-dir", metavar="DIR",
                      help="where TFDS datasets are prepared (default: $TFDS_DATA_DIR or ~/tensorflow_datasets)")
+
+
+def _distributed_flags(parser: argparse.ArgumentParser) -> None:
+  group = parser.add_argument_group(
+      "multi-process (one process per host, or per GPU; see t5mix/distributed.py)",
+      "Started automatically under srun (SLURM), mpirun (Open MPI), a multi-host Cloud TPU, or "
+      "with JAX_COORDINATOR_ADDRESS / JAX_PROCESS_COUNT / JAX_PROCESS_ID set.")
+  group.add_argument("--distributed", action=argparse.BooleanOptionalAction, default=None,
+                     help="call jax.distributed.initialize (default: when the flags below or a "
+                          "launcher's environment say so)")
+  group.add_argument("--coordinator-address", metavar="HOST:PORT",
+                     help="process 0's address, the same for all processes")
+  group.add_argument("--num-processes", type=int, metavar="N", help="number of processes")
+  group.add_argument("--process-id", type=int, metavar="I", help="this process, 0 .. N-1")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--init-from", metavar="WORKDIR_OR_CKPT",
                  help="start from these parameters (fresh optimizer, step 0): fine-tuning")
   p.add_argument("--quiet", action="store_true", help="no per-step progress lines")
+  _distributed_flags(p)
   _common(p)
 
   p = sub.add_parser("import-hf", help="make a workdir from a HuggingFace T5 checkpoint directory",
@@ -79,6 +96,23 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--checkpoint", metavar="STEP", help="checkpoint step (default: latest)")
   p.add_argument("--vocab-file", help="SentencePiece model to copy as spiece.model")
 
+  p = sub.add_parser("adapters", help="adapter / LoRA files of fine-tuning runs (t5mix/finetune.py)")
+  asub = p.add_subparsers(dest="adapters_command", metavar="COMMAND", required=True)
+  a = asub.add_parser("export", help="write the trained adapter/LoRA (and norm) params of a run",
+                      description="Write the parameters that an adapters or lora run trains, as "
+                                  "safetensors with the adapter settings in its metadata.")
+  a.add_argument("--workdir", required=True)
+  a.add_argument("--out", required=True, metavar="FILE.safetensors")
+  a.add_argument("--checkpoint", metavar="STEP", help="checkpoint step (default: latest)")
+  a = asub.add_parser("merge", help="base workdir + adapter file -> a workdir for eval / export-hf",
+                      description="Combine a base workdir's parameters with an adapter file into a "
+                                  "new workdir (model.yaml, config.yaml, step-0 checkpoint); LoRA "
+                                  "is folded into the weights unless --keep-lora.")
+  a.add_argument("--base", required=True, metavar="WORKDIR")
+  a.add_argument("--adapters", required=True, metavar="FILE.safetensors")
+  a.add_argument("--out", required=True, metavar="WORKDIR")
+  a.add_argument("--keep-lora", action="store_true", help="keep LoRA params separate (no folding)")
+
   p = sub.add_parser("vocab", help="vocabulary tools")
   vsub = p.add_subparsers(dest="vocab_command", metavar="COMMAND", required=True)
   v = vsub.add_parser("train", help="train a SentencePiece vocabulary on the text of tasks",
@@ -90,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
   v.add_argument("--split", default="train")
   v.add_argument("--model-type", default="unigram", choices=["unigram", "bpe"])
   _common(v)
+  eval_cli.add_parsers(sub, _common)  # eval, predict, embed
   return parser
 
 
@@ -97,6 +132,8 @@ def _load_definitions(args) -> None:
   from t5mix import definitions, registry
   tasks_dir, modules = list(getattr(args, "tasks_dir", [])), list(getattr(args, "module", []))
   vocab = getattr(args, "vocab", None)
+  if getattr(args, "workdir_config", False):  # eval/predict/embed: the run's own config.yaml
+    args.config, vocab = eval_cli.workdir_definitions(args.workdir, vocab)
   if getattr(args, "config", None):  # a run config may name its own definitions
     from t5mix import config as config_lib
     c = config_lib.load(args.config, getattr(args, "set", []))
@@ -132,6 +169,11 @@ def main(argv: list[str] | None = None) -> int:
   absl_logging.set_verbosity(absl_logging.ERROR)
   from t5mix.errors import UserError
   try:
+    if args.command == "train":  # before anything touches JAX devices
+      from t5mix import distributed
+      distributed.initialize(args.distributed, args.coordinator_address, args.num_processes,
+                             args.process_id)
+      distributed.hide_accelerators_from_tensorflow()
     _load_definitions(args)
     return COMMANDS[args.command](args) or 0
   except UserError as e:
@@ -302,8 +344,22 @@ def cmd_export_hf(args) -> int:
   return 0
 
 
+def cmd_adapters(args) -> int:
+  from t5mix import finetune
+  if args.adapters_command == "export":
+    count, size = finetune.export_adapters(args.workdir, args.out, args.checkpoint)
+    print(f"wrote {args.out} ({count} tensors, {size / 1e6:.2f} MB)")
+  else:
+    path = finetune.merge_adapters(args.base, args.adapters, args.out, fold_lora=not args.keep_lora)
+    print(f"wrote {path}; evaluate with: t5mix eval --workdir {args.out}")
+  return 0
+
+
 COMMANDS = {"tasks": cmd_tasks, "show": cmd_show, "train": cmd_train, "vocab": cmd_vocab,
             "import-hf": cmd_import_hf, "export-hf": cmd_export_hf}
+
+COMMANDS["adapters"] = cmd_adapters
+COMMANDS.update(eval_cli.COMMANDS)
 
 if __name__ == "__main__":
   sys.exit(main())

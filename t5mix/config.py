@@ -45,6 +45,30 @@ class DataConfig:
 
 
 @dataclasses.dataclass
+class FinetuneConfig:
+  """Fine-tuning strategies of the T5 paper (§3.5.2) and LoRA; see t5mix/finetune.py."""
+  strategy: str = "full"           # full | gradual_unfreezing | adapters | lora
+  trainable: list = dataclasses.field(default_factory=list)  # globs over dotted param paths
+  #                                  ([] = the strategy's: everything; adapters: *_adapter.*, *norm*; lora: *_lora.*)
+  always_trainable: list = dataclasses.field(  # gradual_unfreezing: trained from stage 1
+      default_factory=lambda: ["embedding", "lm_head", "*.final_norm.*"])
+  steps_per_stage: int = 0         # gradual_unfreezing: 0 = steps / number of stages
+  adapter_size: int = 32           # adapters: bottleneck width d
+  adapter_after_attention: bool = False  # adapters: also after each attention sublayer
+  lora_rank: int = 8               # lora: r
+  lora_alpha: float = 8.0          # lora: scale alpha / r
+  lora_targets: list = dataclasses.field(default_factory=lambda: ["query", "value"])  # or attention, mlp, all
+
+
+@dataclasses.dataclass
+class MeshConfig:
+  """Device mesh (t5mix/partitioning.py): data x fsdp x model = all devices; -1 = the rest."""
+  data: int = -1                   # data parallelism (batch split, parameters replicated)
+  fsdp: int = 1                    # data parallelism that also shards parameters / optimizer state
+  model: int = 1                   # tensor parallelism (mlp, heads, vocab split)
+
+
+@dataclasses.dataclass
 class TrainConfig:
   model: str = "mini"              # configs/model/<name>.yaml or a path
   model_overrides: dict = dataclasses.field(default_factory=dict)  # e.g. {dropout_rate: 0.0}
@@ -55,8 +79,12 @@ class TrainConfig:
   checkpoint_every: int = 100
   keep_checkpoints: int = 3
   log_every: int = 25
+  eval_every: int = 0              # evaluate the validation split every N steps; 0 = off
+  eval_examples: int = 200         # at most this many examples per task when evaluating
   optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
   data: DataConfig = dataclasses.field(default_factory=DataConfig)
+  finetune: FinetuneConfig = dataclasses.field(default_factory=FinetuneConfig)
+  mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
 
 
 def _check_type(value, annotation, key):
@@ -148,6 +176,9 @@ def validate(c: TrainConfig) -> None:
   positive("checkpoint_every", c.checkpoint_every)
   positive("log_every", c.log_every)
   positive("keep_checkpoints", c.keep_checkpoints)
+  positive("eval_examples", c.eval_examples)
+  if c.eval_every < 0:
+    raise UserError(f"config key 'eval_every' must be >= 0 (0 = off), got {c.eval_every}")
   positive("optimizer.learning_rate", c.optimizer.learning_rate)
   positive("optimizer.grad_accum_steps", c.optimizer.grad_accum_steps)
   if c.optimizer.name not in ("adafactor", "adamw"):
@@ -157,6 +188,8 @@ def validate(c: TrainConfig) -> None:
                     "constant, rsqrt or cosine")
   if c.optimizer.warmup_steps < 0:
     raise UserError("config key 'optimizer.warmup_steps' must be >= 0")
+  from t5mix import finetune  # the fine-tuning keys are checked where they are used
+  finetune.validate(c)
 
 
 def to_dict(c) -> dict:

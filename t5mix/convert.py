@@ -55,6 +55,12 @@ def export_hf(workdir: str, out_dir: str, checkpoint: str | None = None,
               vocab_file: str | None = None) -> None:
   """Writes config.json + model.safetensors (+ spiece.model) for HuggingFace T5."""
   config, model = load_workdir_params(workdir, checkpoint)
+  if config.adapter_size:
+    raise UserError(f"{workdir}: the model has adapter layers, which HuggingFace T5 does not have; "
+                    f"evaluate it with t5mix (LoRA, by contrast, is folded into the weights on export)")
+  from t5mix import peft
+  model = peft.merge_lora_model(model)  # LoRA folded into the weights (same outputs)
+  config = model.config
   if vocab_file is None:
     candidate = os.path.join(workdir, hf_interop.VOCAB_FILE)
     vocab_file = candidate if os.path.exists(candidate) else None

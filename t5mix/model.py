@@ -24,6 +24,7 @@ import numpy as np
 import yaml
 from flax import nnx
 
+from t5mix import peft
 from t5mix.errors import UserError
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs" / "model"
@@ -47,6 +48,12 @@ class T5Config:
   tie_word_embeddings: bool = False  # v1.0: True (and logits scaled by d_model**-0.5)
   architecture: str = "encoder_decoder"  # or "decoder_only" (prefix-LM; uses num_decoder_layers)
   dtype: str = "float32"  # compute dtype: "float32" or "bfloat16"
+  # Parameter-efficient fine-tuning (t5mix/peft.py); 0 = none, so existing checkpoints are unaffected.
+  adapter_size: int = 0  # bottleneck adapter after each FFN (and attention, if adapter_after_attention)
+  adapter_after_attention: bool = False
+  lora_rank: int = 0  # LoRA on the lora_targets projections, scale lora_alpha / lora_rank
+  lora_alpha: float = 8.0
+  lora_targets: str = "query,value"  # comma-separated: query,key,value,out,wi(_0/_1),wo | attention | mlp | all
 
   def __post_init__(self):
     for f in dataclasses.fields(self):
@@ -71,6 +78,13 @@ class T5Config:
       raise UserError("model config: vocab_size, d_model, num_heads and num_decoder_layers must be positive")
     if self.architecture == "encoder_decoder" and self.num_encoder_layers <= 0:
       raise UserError("model config: an encoder_decoder model needs num_encoder_layers > 0")
+    if self.adapter_size < 0 or self.lora_rank < 0:
+      raise UserError("model config: adapter_size and lora_rank must be >= 0")
+    if self.lora_rank:
+      try:
+        peft.lora_targets(self.lora_targets, self.feed_forward_proj == "gated-gelu")
+      except ValueError as e:
+        raise UserError(f"model config: 'lora_targets': {e}") from None
 
   @property
   def compute_dtype(self):
@@ -154,20 +168,20 @@ class Attention(nnx.Module):
 
   def project_kv(self, x):
     """Keys and values [B, L, heads, kv]; separate so decoding can cache them."""
-    k = jnp.einsum("bld,dhk->blhk", x, self.key[...].astype(self.dtype))
-    v = jnp.einsum("bld,dhk->blhk", x, self.value[...].astype(self.dtype))
+    k = jnp.einsum("bld,dhk->blhk", x, peft.weight(self, "key", self.dtype))
+    v = jnp.einsum("bld,dhk->blhk", x, peft.weight(self, "value", self.dtype))
     return k, v
 
   def __call__(self, x, k, v, mask, bias, *, deterministic, rngs):
     """x [B, Lq, D] attends to k, v [B, Lk, H, K]; mask bool and bias float32 broadcast to [B, H, Lq, Lk]."""
-    q = jnp.einsum("bqd,dhk->bqhk", x, self.query[...].astype(self.dtype))
+    q = jnp.einsum("bqd,dhk->bqhk", x, peft.weight(self, "query", self.dtype))
     logits = jnp.einsum("bqhk,bshk->bhqs", q, k, preferred_element_type=jnp.float32)
     if bias is not None:
       logits = logits + bias
     probs = jax.nn.softmax(jnp.where(mask, logits, NEG_INF), axis=-1)
     probs = _dropout(probs, self.dropout_rate, deterministic, rngs).astype(self.dtype)
     ctx = jnp.einsum("bhqs,bshk->bqhk", probs, v)
-    return jnp.einsum("bqhk,hkd->bqd", ctx, self.out[...].astype(self.dtype))
+    return jnp.einsum("bqhk,hkd->bqd", ctx, peft.weight(self, "out", self.dtype))
 
 
 class MLP(nnx.Module):
@@ -185,13 +199,13 @@ class MLP(nnx.Module):
     self.wo = _param(rngs, f**-0.5, (f, d), ("mlp", "embed"))
 
   def __call__(self, x, *, deterministic, rngs):
-    dense = lambda w: jnp.einsum("bld,df->blf", x, w[...].astype(self.dtype))
+    dense = lambda w: jnp.einsum("bld,df->blf", x, peft.weight(self, w, self.dtype))
     if self.gated:
-      h = jax.nn.gelu(dense(self.wi_0), approximate=True) * dense(self.wi_1)  # HF gelu_new = tanh approx.
+      h = jax.nn.gelu(dense("wi_0"), approximate=True) * dense("wi_1")  # HF gelu_new = tanh approx.
     else:
-      h = jax.nn.relu(dense(self.wi))
+      h = jax.nn.relu(dense("wi"))
     h = _dropout(h, self.dropout_rate, deterministic, rngs)
-    return jnp.einsum("blf,fd->bld", h, self.wo[...].astype(self.dtype))
+    return jnp.einsum("blf,fd->bld", h, peft.weight(self, "wo", self.dtype))
 
 
 class Block(nnx.Module):
@@ -218,13 +232,15 @@ class Block(nnx.Module):
       k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k, index, axis=1)
       v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v, index, axis=1)
       cache = {**cache, "k": k, "v": v}
-    x = x + drop(self.self_attention(h, k, v, mask, bias, deterministic=deterministic, rngs=rngs))
+    x = x + drop(peft.adapt(self, "self_attention_adapter",
+                            self.self_attention(h, k, v, mask, bias, deterministic=deterministic, rngs=rngs)))
     if self.cross_attention is not None:
       h = self.cross_attention_norm(x)
       ck, cv = (cache["cross_k"], cache["cross_v"]) if cache is not None else self.cross_attention.project_kv(encoded)
       # T5 cross-attention has no position bias.
-      x = x + drop(self.cross_attention(h, ck, cv, cross_mask, None, deterministic=deterministic, rngs=rngs))
-    x = x + drop(self.mlp(self.mlp_norm(x), deterministic=deterministic, rngs=rngs))
+      x = x + drop(peft.adapt(self, "cross_attention_adapter", self.cross_attention(
+          h, ck, cv, cross_mask, None, deterministic=deterministic, rngs=rngs)))
+    x = x + drop(peft.adapt(self, "mlp_adapter", self.mlp(self.mlp_norm(x), deterministic=deterministic, rngs=rngs)))
     return x, cache
 
 
@@ -313,6 +329,7 @@ class T5(nnx.Module):
     # initial logits are O(1) when training from scratch. Imported checkpoints overwrite it anyway.
     self.lm_head = None if config.tie_word_embeddings else _param(
         rngs, config.d_model**-0.5, (config.d_model, config.vocab_size), ("embed", "vocab"))
+    peft.attach(self, config, rngs)  # adapters / LoRA, when the config asks for them (after all base params)
 
   @classmethod
   def from_params(cls, config: T5Config, params: dict) -> "T5":

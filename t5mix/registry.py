@@ -24,6 +24,7 @@ import functools
 import json
 import os
 import re
+import string
 import sys
 from typing import Any, Callable, Mapping, Sequence
 
@@ -222,18 +223,49 @@ def _template_values(spec: TaskSpec, record: Mapping[str, Any], where: str) -> d
   return values
 
 
+def input_fields(spec: TaskSpec) -> list[str]:
+  """The record columns the input template reads (what `t5mix predict` asks for); [] when the
+  template is built from whatever columns a record has (classification without a template)."""
+  if spec.kind == "ner":
+    return ["sentence"]  # or the tokens column, a list of strings: see format_inputs
+  if spec.kind == "classification" and not spec.template:
+    return list(spec.fields.values())
+  template = spec.template or DEFAULT_TEMPLATES[spec.kind]
+  names = [re.match(r"\w*", f).group() for _, f, _, _ in string.Formatter().parse(template) if f]
+  return list(dict.fromkeys(spec.fields.get(n, n) for n in names if n and n != "name"))
+
+
+def format_inputs(spec: TaskSpec, record: Mapping[str, Any], where: str) -> str:
+  """The input text of one record, as the model reads it: format_record's "inputs", without
+  needing a label or answer (so raw inputs can be formatted for prediction). For NER, a record
+  may give `sentence` (text, split on whitespace) instead of the tokens column."""
+  values = _template_values(spec, record, where)
+  if spec.kind == "ner":
+    tokens = record.get(spec.tokens)
+    if tokens is None and isinstance(record.get("sentence"), str):
+      tokens = record["sentence"].split()
+    if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+      raise UserError(f"{where}: NER input needs {spec.tokens!r} (a list of strings) or "
+                      "'sentence' (text)")
+    values["sentence"] = " ".join(tokens)
+  if spec.kind == "classification":
+    template = spec.template or _default_template(spec, record)
+  else:
+    template = spec.template or DEFAULT_TEMPLATES[spec.kind]
+  return _fill(template, values, where)
+
+
 def format_record(spec: TaskSpec, record: Mapping[str, Any], where: str) -> dict[str, str]:
   """One source record → one text-to-text example (plus what the metrics need)."""
   values = _template_values(spec, record, where)
   if spec.kind == "classification":
-    template = spec.template or _default_template(spec, record)
     if spec.label not in record:
       raise UserError(f"{where}: label column {spec.label!r} not found")
     value = str(record[spec.label]).strip()
     label_map = spec.label_map
     if value not in label_map:
       raise UserError(f"{where}: label {value!r} is not in label_words ({', '.join(label_map)})")
-    return {"inputs": _fill(template, values, where), "targets": label_map[value]}
+    return {"inputs": format_inputs(spec, record, where), "targets": label_map[value]}
   if spec.kind == "qa":
     answers = record.get(spec.answers)
     if isinstance(answers, Mapping):  # SQuAD/HF style {"text": [...], "answer_start": [...]}
@@ -247,7 +279,7 @@ def format_record(spec: TaskSpec, record: Mapping[str, Any], where: str) -> dict
     if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
       raise UserError(f"{where}: column {spec.answers!r} must hold an answer text or a list of "
                       f"them, found {str(record.get(spec.answers))[:80]}")
-    return {"inputs": _fill(spec.template or DEFAULT_TEMPLATES["qa"], values, where),
+    return {"inputs": format_inputs(spec, record, where),
             "targets": answers[0], "answers": json.dumps(list(answers))}
   if spec.kind == "ner":
     tokens, tags = record.get(spec.tokens), record.get(spec.tags)
@@ -264,8 +296,7 @@ def format_record(spec: TaskSpec, record: Mapping[str, Any], where: str) -> dict
       spans = ner.tags_to_spans(tags, spec.scheme)
     except ValueError as e:
       raise UserError(f"{where}: {e}") from None
-    values["sentence"] = " ".join(tokens)
-    return {"inputs": _fill(spec.template or DEFAULT_TEMPLATES["ner"], values, where),
+    return {"inputs": format_inputs(spec, record, where),
             "targets": ner.format_entities(tokens, spans)}
   # text: the document goes to "targets"; span corruption makes inputs and targets from it.
   return {"inputs": "", "targets": _fill(spec.template or DEFAULT_TEMPLATES["text"], values, where)}

@@ -25,7 +25,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from t5mix import config as config_lib
-from t5mix import input_pipeline
+from t5mix import distributed, finetune, input_pipeline, partitioning
 from t5mix.errors import UserError
 from t5mix.model import T5, T5Config, load_model_config
 
@@ -43,8 +43,9 @@ def learning_rate_schedule(c: config_lib.OptimizerConfig, total_steps: int) -> o
   return optax.warmup_cosine_decay_schedule(0.0, c.learning_rate, warmup, max(total_steps, warmup + 1))
 
 
-def make_optimizer(c: config_lib.OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
-  schedule = learning_rate_schedule(c, total_steps)
+def make_optimizer(c: config_lib.OptimizerConfig, total_steps: int,
+                   schedule: optax.Schedule | None = None) -> optax.GradientTransformation:
+  schedule = schedule or learning_rate_schedule(c, total_steps)
   if c.name == "adafactor":
     # T5's Adafactor: factored second moments, no first moment, update clipping at 1.0.
     opt = optax.adafactor(schedule, multiply_by_parameter_scale=False, clipping_threshold=1.0,
@@ -144,8 +145,9 @@ class DataIteratorHandler(ocp.CheckpointHandler):
   """
 
   def save(self, directory, args: "DataIteratorSave"):
-    tf.train.Checkpoint(iterator=args.iterator).write(
-        os.path.join(str(directory), f"process_{jax.process_index()}"))
+    prefix = os.path.join(str(directory), f"process_{jax.process_index()}")
+    tf.train.Checkpoint(iterator=args.iterator).write(prefix)
+    partitioning.write_data_layout(prefix, args.layout)  # which data shard this process read
 
   def restore(self, directory, args: "DataIteratorRestore"):
     tf.train.Checkpoint(iterator=args.iterator).read(
@@ -157,6 +159,7 @@ class DataIteratorHandler(ocp.CheckpointHandler):
 @dataclasses.dataclass
 class DataIteratorSave(ocp.args.CheckpointArgs):
   iterator: Any
+  layout: dict | None = None
 
 
 @ocp.args.register_with_handler(DataIteratorHandler, for_restore=True)
@@ -228,7 +231,7 @@ def build_model(c: config_lib.TrainConfig) -> tuple[T5, T5Config]:
   model_config = load_model_config(c.model)
   if c.model_overrides:
     model_config = dataclasses.replace(model_config, **_checked_overrides(model_config, c.model_overrides))
-  return model_config
+  return finetune.apply_to_model_config(c.finetune, model_config)  # adapters / LoRA
 
 
 def _checked_overrides(model_config, overrides):
@@ -242,7 +245,10 @@ def _checked_overrides(model_config, overrides):
 def train(c: config_lib.TrainConfig, workdir: str, *, init_from: str | None = None,
           quiet: bool = False, log=print) -> dict:
   """Trains per config `c` in `workdir` (resuming if it holds checkpoints); returns final metrics."""
-  os.makedirs(workdir, exist_ok=True)
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise UserError(f"{workdir}: cannot use as workdir ({e.strerror})") from None
   if not os.access(workdir, os.W_OK):
     raise UserError(f"{workdir}: workdir is not writable")
   model_config = build_model(c)
@@ -255,50 +261,73 @@ def train(c: config_lib.TrainConfig, workdir: str, *, init_from: str | None = No
   elif vocab.vocab_size > model_config.vocab_size:
     raise UserError(f"config key 'model_overrides.vocab_size' ({model_config.vocab_size}) is "
                     f"smaller than the vocabulary ({vocab.vocab_size})")
-  config_lib.save(c, os.path.join(workdir, "config.yaml"))
-  _save_model_config(model_config, os.path.join(workdir, "model.yaml"))
+  if distributed.is_primary():  # one process writes files and reports for all
+    config_lib.save(c, os.path.join(workdir, "config.yaml"))
+    _save_model_config(model_config, os.path.join(workdir, "model.yaml"))
+  else:
+    log, quiet = (lambda *a, **k: None), True
 
-  mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-  if c.data.batch_size % jax.device_count():
-    raise UserError(f"config key 'data.batch_size' ({c.data.batch_size}) must be divisible by "
-                    f"the number of devices ({jax.device_count()})")
+  mesh = partitioning.make_mesh(c.mesh)  # see partitioning.py: data x fsdp x model
+  partitioning.check_batch_size(mesh, c.data.batch_size)
   replicated = NamedSharding(mesh, P())
-  batch_sharding = NamedSharding(mesh, P("data"))
+  batch_sharding = partitioning.batch_sharding(mesh, c.data.batch_size)
+  data_layout = partitioning.data_layout(batch_sharding, c.data.batch_size)  # this process's rows
 
-  model = T5(model_config, rngs=nnx.Rngs(c.seed))
-  graphdef, params = nnx.split(model, nnx.Param)
+  def new_model():
+    return T5(model_config, rngs=nnx.Rngs(c.seed))
+  graphdef, params = nnx.split(nnx.eval_shape(new_model), nnx.Param)
+  plan = finetune.make_plan(c, params)  # which parameters train, and when (finetune.py)
+  optimizer = plan.make_optimizer()
+  new_state = lambda p: TrainState(jnp.zeros((), jnp.int32), p, optimizer.init(p))  # noqa: E731
+  state_shardings = partitioning.tree_shardings(mesh, jax.eval_shape(new_state, params), params)
+  # Created sharded (jit with out_shardings): the whole model never sits on one device.
+  params = jax.jit(lambda: nnx.split(new_model(), nnx.Param)[1],
+                   out_shardings=state_shardings.params)()
   if init_from:
-    params = restore_params(init_from, params)
+    # onto the shardings of `params`; adapters/LoRA missing from a base checkpoint stay fresh
+    params = finetune.init_params(init_from, params, log)
     log(f"initialised parameters from {init_from}")
-  optimizer = make_optimizer(c.optimizer, c.steps)
-  state = TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
-  state = jax.device_put(state, replicated)
-
-  lengths = {"inputs": c.data.inputs_length, "targets": c.data.targets_length}
-  dataset = input_pipeline.get_dataset(
-      c.data.mixture, "train", lengths, seed=c.seed, shuffle=c.data.shuffle, pack=c.data.pack,
-      architecture=model_config.architecture)
-  dataset = dataset.batch(c.data.batch_size, drop_remainder=True).prefetch(2)
-  data_iter = iter(dataset)
+  state = jax.jit(new_state, out_shardings=state_shardings, donate_argnums=0)(params)
 
   manager = checkpoint_manager(workdir, c.keep_checkpoints)
   start = manager.latest_step()
+  # The data position restores only where this process reads the same shard as when it saved.
+  same_data = start is None or partitioning.same_data_layout(
+      os.path.join(os.path.abspath(workdir), "checkpoints", str(start), "data"), data_layout)
+
+  lengths = {"inputs": c.data.inputs_length, "targets": c.data.targets_length}
+  dataset = input_pipeline.get_dataset(
+      c.data.mixture, "train", lengths, seed=c.seed if same_data else c.seed + start,
+      shuffle=c.data.shuffle, pack=c.data.pack, architecture=model_config.architecture,
+      shard_info=partitioning.shard_info(data_layout))
+  dataset = dataset.batch(data_layout["batch"], drop_remainder=True).prefetch(2)
+  data_iter = iter(dataset)
+
   if start is not None:
+    items = {"state": ocp.args.StandardRestore(state)}  # onto this mesh's shardings
+    if same_data:
+      items["data"] = DataIteratorRestore(data_iter)
     try:
-      restored = manager.restore(start, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(state), data=DataIteratorRestore(data_iter)))
+      restored = manager.restore(start, args=ocp.args.Composite(**items))
     except (ValueError, KeyError) as e:
       raise UserError(f"{workdir}/checkpoints/{start}: does not match this config (different "
                       f"model or optimizer?): {str(e).splitlines()[0][:160]}; use a new --workdir "
                       f"or --init-from to start from its parameters") from None
-    state = jax.device_put(restored["state"], replicated)
-    log(f"resumed from checkpoint at step {start}")
+    state = restored["state"]
+    log(f"resumed from checkpoint at step {start}" + ("" if same_data else (
+        f" (its data position is for another data sharding or batch size: the data stream "
+        f"restarts with seed {c.seed + start})")))
   start = int(state.step)
 
-  train_step = jax.jit(make_train_step(graphdef, optimizer, c, len(tasks)),
-                       donate_argnums=(0,), out_shardings=(replicated, replicated))
-  base_key = jax.random.key(c.seed)
-  writer = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+  train_step = jax.jit(make_train_step(graphdef, optimizer, c, len(tasks)), donate_argnums=(0,),
+                       in_shardings=(state_shardings, batch_sharding, replicated),
+                       out_shardings=(state_shardings, replicated))
+  base_key = jax.jit(lambda: jax.random.key(c.seed), out_shardings=replicated)()
+  writer = (tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+            if distributed.is_primary() else tf.summary.create_noop_writer())
+  if c.eval_every:  # validation metrics every eval_every steps (evaluate.py)
+    from t5mix import evaluate
+    evaluator = evaluate.DuringTraining(c, graphdef, writer, log)
   names = [t.name for t in tasks]
   totals = {"task_examples": np.zeros(len(names) + 1)}
   pending, history = [], []
@@ -308,7 +337,10 @@ def train(c: config_lib.TrainConfig, workdir: str, *, init_from: str | None = No
   log(f"training {model_config.architecture} ({num_params / 1e6:.2f}M parameters) on "
       f"{c.data.mixture!r} for {c.steps} steps, batch {c.data.batch_size} x "
       f"({c.data.inputs_length}+{c.data.targets_length}) tokens, {jax.device_count()} "
-      f"{jax.devices()[0].platform} device(s); workdir {workdir}")
+      f"{jax.devices()[0].platform} device(s) in {jax.process_count()} process(es), mesh "
+      f"{partitioning.describe(mesh)}; workdir {workdir}")
+  if plan.describe():
+    log(plan.describe())
 
   def flush(step):
     """Fetches pending step metrics (one host sync per log period), logs, checks for NaN."""
@@ -337,11 +369,16 @@ def train(c: config_lib.TrainConfig, workdir: str, *, init_from: str | None = No
               "task_loss": {n: float(task_loss[i + 1] / task_tokens[i + 1])
                             for i, n in enumerate(names) if task_tokens[i + 1] > 0},
               "task_examples": {n: int(totals["task_examples"][i + 1]) for i, n in enumerate(names)}}
+    stage = plan.stage_at(step)  # gradual unfreezing
+    if stage is not None:
+      record["stage"] = stage
     history.append(record)
     with writer.as_default(step=step):
       tf.summary.scalar("loss", record["loss"])
       tf.summary.scalar("steps_per_s", steps_per_s)
       tf.summary.scalar("grad_norm", record["grad_norm"])
+      if stage is not None:
+        tf.summary.scalar("finetune/stage", stage)
       for n, v in record["task_loss"].items():
         tf.summary.scalar(f"task_loss/{n}", v)
       for n, v in record["task_examples"].items():
@@ -350,13 +387,15 @@ def train(c: config_lib.TrainConfig, workdir: str, *, init_from: str | None = No
       eta = (c.steps - step) / max(steps_per_s, 1e-9)
       per_task = " ".join(f"{n}={v:.2f}" for n, v in record["task_loss"].items())
       log(f"step {step:>6}/{c.steps}  loss {record['loss']:.4f}  {steps_per_s:.2f} steps/s  "
-          f"{record['tokens_per_s']:,.0f} tok/s  eta {_duration(eta)}  | {per_task}")
+          f"{record['tokens_per_s']:,.0f} tok/s  eta {_duration(eta)}  | {per_task}"
+          + (f"  | stage {stage}/{plan.num_stages}" if stage is not None else ""))
     return record
 
   def save(step):
     flush(step)  # never checkpoint a state whose loss went non-finite
     manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                               data=DataIteratorSave(data_iter)), force=True)
+                                               data=DataIteratorSave(data_iter, data_layout)),
+                 force=True)
 
   step = start
   with _Stop() as stop:
@@ -365,7 +404,8 @@ def train(c: config_lib.TrainConfig, workdir: str, *, init_from: str | None = No
         batch = next(data_iter)
       except StopIteration:
         raise UserError(f"mixture {c.data.mixture!r} ran out of training examples") from None
-      batch = jax.device_put({k: v.numpy() for k, v in batch.items()}, batch_sharding)
+      batch = partitioning.global_batch(batch_sharding, {k: v.numpy() for k, v in batch.items()},
+                                        c.data.batch_size)  # this process's rows -> global arrays
       state, metrics = train_step(state, batch, base_key)
       pending.append(metrics)
       step += 1
@@ -373,12 +413,18 @@ def train(c: config_lib.TrainConfig, workdir: str, *, init_from: str | None = No
         flush(step)
       if step % c.checkpoint_every == 0 or step == c.steps:
         save(step)
-      if stop.requested:
+      if c.eval_every and step % c.eval_every == 0:
+        evaluator(step, state.params)
+      # Several processes stop together, at the next log step after any of them got a signal.
+      if partitioning.stop_agreed(stop.requested is not None,
+                                  step % c.log_every == 0 or step == c.steps):
+        requested = stop.requested or "SIGTERM"
         save(step)
         manager.wait_until_finished()
-        log(f"{stop.requested}: saved checkpoint at step {step} in {workdir}; rerun to resume")
-        raise SystemExit(143 if stop.requested == "SIGTERM" else 130)
+        log(f"{requested}: saved checkpoint at step {step} in {workdir}; rerun to resume")
+        raise SystemExit(143 if requested == "SIGTERM" else 130)
   manager.wait_until_finished()
+  finetune.write_run_adapters(plan, workdir, state.params, model_config, step, log)  # adapters/LoRA
   writer.flush()
   final = history[-1] if history else {}
   summary = {"step": step, "loss": final.get("loss"),

@@ -1,0 +1,54 @@
+"""Input pipeline: examples/s the mixture pipeline produces vs what the train step consumes.
+
+    python benchmarks/input_pipeline.py [--batches 50] [--json out.json]
+
+Both at the same shape (demo mixture, packed 128+32-token rows, batch 16, `mini` model).
+The pipeline must stay well ahead of training, or the accelerator waits on the CPU.
+"""
+
+import argparse
+import json
+import statistics
+import time
+
+from common import numpy_batch, pipeline, timed, train_stepper
+
+import seqio
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--batches", type=int, default=50)
+  parser.add_argument("--steps", type=int, default=10)
+  parser.add_argument("--model", default="mini")
+  parser.add_argument("--mixture", default="demo")
+  parser.add_argument("--batch", type=int, default=16)
+  parser.add_argument("--json")
+  args = parser.parse_args()
+  ds = pipeline(args.mixture, 128, 32, args.batch, pack=True)
+  it = ds.as_numpy_iterator()
+  first = next(it)  # builds the pipeline
+  examples, t = 0, time.perf_counter()
+  for _ in range(args.batches):
+    b = next(it)
+    examples += int(((b["decoder_positions"] == 0) & (b["decoder_segment_ids"] > 0)).sum())
+  produce = examples / (time.perf_counter() - t)
+  vocab = seqio.get_mixture_or_task(args.mixture).output_features["targets"].vocabulary
+  n_tasks = len(seqio.get_mixture_or_task(args.mixture).tasks)
+  step = train_stepper(args.model, (vocab.vocab_size + 127) // 128 * 128, num_tasks=n_tasks)
+  batch = numpy_batch(first)
+  timed(step, batch)
+  times = [timed(step, batch)[0] for _ in range(args.steps)]
+  per_batch = examples / args.batches
+  consume = per_batch / statistics.median(times)
+  print(f"pipeline produces {produce:,.0f} examples/s; the train step consumes {consume:,.0f} "
+        f"examples/s ({per_batch:.1f} packed examples per batch of {args.batch})")
+  print(f"pipeline / train step: {produce / consume:.1f}x")
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump({"produce_examples_per_s": produce, "consume_examples_per_s": consume,
+                 "ratio": produce / consume}, f, indent=2)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,130 @@
+"""`t5mix eval`, `t5mix predict` and `t5mix embed`: argument parsing and printing.
+
+Kept apart from evaluate.py/predict.py so that building the parser imports nothing heavy
+(cli.py imports TensorFlow and JAX only after parsing). All three read a workdir, and load the
+definitions its config.yaml names (data.tasks_dir, data.module, data.vocab) as `t5mix train
+--config` does, so a run on user-defined tasks is evaluated on those same tasks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+
+def add_parsers(sub, common) -> None:
+  p = sub.add_parser(
+      "eval", help="score a run's checkpoints on its tasks' validation metrics",
+      description="Decode every task of the run's mixture that has metrics and the split, on each "
+                  "chosen checkpoint; print a table (steps x tasks, * = best checkpoint per task) "
+                  "and the average of task means; write eval/results.json and eval/metrics.png "
+                  "into the workdir. A checkpoint that cannot be restored is skipped.")
+  p.add_argument("--workdir", required=True, help="the run's workdir")
+  p.add_argument("--checkpoints", default="all", metavar="all|latest|N,M",
+                 help="which checkpoints (default: all)")
+  p.add_argument("--split", default="validation", help="split to score (default: validation)")
+  p.add_argument("--tasks", metavar="T1,T2", help="tasks or mixtures to score (default: the run's "
+                                                    "mixture)")
+  p.add_argument("--beam-size", type=int, default=1, help="1 = greedy (default); >1 = beam search")
+  p.add_argument("--max-examples", type=int, metavar="N", help="at most N examples per task")
+  p.add_argument("--batch-size", type=int, default=64, help="decoding batch size (default: 64)")
+  p.add_argument("--inputs-length", type=int, metavar="N",
+                 help="truncate inputs to N tokens (default: the run's data.inputs_length)")
+  p.add_argument("--targets-length", type=int, metavar="N",
+                 help="decode at most N tokens (default: the run's data.targets_length)")
+  p.set_defaults(workdir_config=True)
+  common(p)
+
+  p = sub.add_parser(
+      "predict", help="predict raw inputs with a run's model",
+      description="Format raw inputs with the task's template, decode, postprocess. TEXT "
+                  "arguments fill the template's single field (e.g. the sentence of "
+                  "demo_sentiment); for tasks with several fields (QA: question, context) pass "
+                  "--input FILE.jsonl, one JSON object of the task's data columns per line "
+                  "(no label needed), e.g. {\"question\": \"...\", \"context\": \"...\"}. NER "
+                  "takes {\"sentence\": \"text\"} or {\"tokens\": [...]}.",
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("texts", nargs="*", metavar="TEXT", help="inputs (the template's single field)")
+  p.add_argument("--workdir", required=True, help="the run's workdir")
+  p.add_argument("--task", required=True, help="task whose template and postprocessor to use")
+  p.add_argument("--input", metavar="FILE.jsonl", help="JSON lines of the task's fields")
+  p.add_argument("--output", metavar="FILE.jsonl", help="write predictions as JSON lines")
+  p.add_argument("--checkpoint", metavar="STEP", help="checkpoint step (default: latest)")
+  p.add_argument("--beam-size", type=int, default=1, help="1 = greedy (default); >1 = beam search")
+  p.add_argument("--batch-size", type=int, default=64, help="decoding batch size (default: 64)")
+  p.set_defaults(workdir_config=True)
+  common(p)
+
+  p = sub.add_parser(
+      "embed", help="mean-pooled encoder embeddings of a task's examples",
+      description="Encode each example's inputs and average the encoder outputs over its tokens "
+                  "(padding excluded). Writes FILE.npy ([examples, d_model] float32) and, beside "
+                  "it, FILE.jsonl with each row's inputs and targets text.")
+  p.add_argument("--workdir", required=True, help="the run's workdir")
+  p.add_argument("--task", required=True)
+  p.add_argument("--split", default="validation", help="default: validation")
+  p.add_argument("--out", required=True, metavar="FILE.npy")
+  p.add_argument("--checkpoint", metavar="STEP", help="checkpoint step (default: latest)")
+  p.add_argument("--max-examples", type=int, metavar="N")
+  p.add_argument("--batch-size", type=int, default=64)
+  p.set_defaults(workdir_config=True)
+  common(p)
+
+
+def workdir_definitions(workdir: str, vocab: str | None) -> tuple[str | None, str | None]:
+  """(the run's config.yaml or None, vocabulary default) for a workdir command.
+
+  A workdir from `t5mix import-hf` has no config.yaml but may hold spiece.model: that becomes the
+  default vocabulary unless --vocab or the config names one.
+  """
+  from t5mix import config as config_lib
+  from t5mix import evaluate
+  evaluate.check_workdir(workdir)
+  config_path = os.path.join(workdir, "config.yaml")
+  config_path = config_path if os.path.exists(config_path) else None
+  spiece = os.path.join(workdir, "spiece.model")
+  if vocab is None and os.path.exists(spiece) and (
+      config_path is None or config_lib.load(config_path).data.vocab is None):
+    vocab = spiece
+  return config_path, vocab
+
+
+def cmd_eval(args) -> int:
+  from t5mix import evaluate
+  options = evaluate.EvalOptions(
+      checkpoints=args.checkpoints, split=args.split,
+      tasks=[t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None,
+      beam_size=args.beam_size, max_examples=args.max_examples, batch_size=args.batch_size,
+      inputs_length=args.inputs_length, targets_length=args.targets_length)
+  evaluate.run_eval(args.workdir, options)
+  return 0
+
+
+def cmd_predict(args) -> int:
+  from t5mix import predict
+  step, results = predict.predict(args.workdir, args.task, args.texts, args.input,
+                                  checkpoint=args.checkpoint, beam_size=args.beam_size,
+                                  batch_size=args.batch_size)
+  if args.output:
+    predict.write_jsonl(results, args.output)
+    print(f"wrote {len(results)} predictions (checkpoint {step}) to {args.output}")
+    return 0
+  for i, r in enumerate(results):
+    print(f"[{i}] {r['inputs']}")
+    note = "  (not a label word)" if r["parsed"] is None else ""
+    print(f"    -> {r['prediction']}{note}")
+  return 0
+
+
+def cmd_embed(args) -> int:
+  from t5mix import predict
+  step, embeddings, jsonl = predict.embed(args.workdir, args.task, args.out, split=args.split,
+                                          checkpoint=args.checkpoint,
+                                          max_examples=args.max_examples,
+                                          batch_size=args.batch_size)
+  print(f"wrote {args.out} ({embeddings.shape[0]} x {embeddings.shape[1]} float32, checkpoint "
+        f"{step}) and {jsonl}")
+  return 0
+
+
+COMMANDS = {"eval": cmd_eval, "predict": cmd_predict, "embed": cmd_embed}

@@ -1,0 +1,519 @@
+"""Evaluation: decode a run's tasks on its checkpoints and score them with the tasks' metrics.
+
+Read top to bottom: the workdir (config, model, checkpoints) → batched decoding → the evaluator
+(seqio.Evaluator per task) → `t5mix eval` over checkpoints (table, results.json, metrics.png) →
+the hook that evaluates during training.
+
+Scoring is seqio's: `seqio.Evaluator` builds each task's validation examples once (tokenized,
+feature-converted, cached in memory) and postprocesses the gold targets once, on the first
+checkpoint; every later checkpoint only decodes. Its `predict_fn` is ours: the jitted KV-cache
+decoding of t5mix/decode.py (greedy, or beam search), fed fixed-shape batches so that it compiles
+once. Decoded text goes through the task's postprocessor (label word → label, NER string →
+entities; an unreadable prediction scores as wrong) and its metric functions (t5mix/metrics.py).
+
+A task's score is the mean of its metrics, and the run's score is the mean of the task scores
+(`metrics.glue_average`, T5's GLUE average); `t5mix eval` reports it for the best checkpoint of
+each task and for the single best checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+import seqio
+from flax import nnx
+
+from t5mix import config as config_lib
+from t5mix import decode, input_pipeline, metrics, registry
+from t5mix.errors import UserError
+from t5mix.model import T5, T5Config, load_model_config
+
+DEFAULT_BATCH_SIZE = 64
+
+# ---------------------------------------------------------------------------------------------
+# The workdir: config.yaml (may be absent: `t5mix import-hf` writes none), model.yaml, checkpoints.
+
+
+@dataclasses.dataclass
+class Run:
+  workdir: str
+  config: config_lib.TrainConfig | None  # None for a workdir without config.yaml
+  model_config: T5Config
+
+  @property
+  def lengths(self) -> dict[str, int]:
+    data = self.config.data if self.config else config_lib.DataConfig()
+    return {"inputs": data.inputs_length, "targets": data.targets_length}
+
+
+def check_workdir(workdir: str) -> None:
+  if not os.path.exists(workdir):
+    raise UserError(f"{workdir}: no such workdir")
+  if not os.path.isdir(workdir):
+    raise UserError(f"{workdir}: is not a directory (expected a t5mix workdir)")
+  if not os.path.exists(os.path.join(workdir, "model.yaml")):
+    raise UserError(f"{workdir}: not a t5mix workdir (no model.yaml; train one with "
+                    f"`t5mix train --workdir {workdir}`)")
+
+
+def open_run(workdir: str) -> Run:
+  check_workdir(workdir)
+  config_path = os.path.join(workdir, "config.yaml")
+  config = config_lib.load(config_path) if os.path.exists(config_path) else None
+  return Run(workdir, config, load_model_config(os.path.join(workdir, "model.yaml")))
+
+
+def checkpoint_steps(workdir: str) -> list[int]:
+  """Steps of the checkpoint directories (orbax's unfinished `N.orbax-checkpoint-tmp-*` excluded)."""
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(ckpt_dir):
+    return []
+  return sorted(int(n) for n in os.listdir(ckpt_dir)
+                if n.isdigit() and os.path.isdir(os.path.join(ckpt_dir, n)))
+
+
+def choose_steps(workdir: str, which: str | None) -> list[int]:
+  """`all`, `latest` (the default) or a comma-separated list of steps."""
+  steps = checkpoint_steps(workdir)
+  if not steps:
+    raise UserError(f"{workdir}: no checkpoints (nothing under {workdir}/checkpoints); train first")
+  which = (which or "latest").strip()
+  if which == "all":
+    return steps
+  if which == "latest":
+    return steps[-1:]
+  chosen = []
+  for item in which.split(","):
+    item = item.strip()
+    if not item.isdigit():
+      raise UserError(f"--checkpoints {which!r}: expected all, latest or steps such as 100,200")
+    if int(item) not in steps:
+      raise UserError(f"{workdir}: no checkpoint at step {item}; there are "
+                      f"{', '.join(map(str, steps))}")
+    chosen.append(int(item))
+  return sorted(set(chosen))
+
+
+def abstract_model(model_config: T5Config):
+  """(graphdef, abstract params): the model's structure without allocating its parameters."""
+  model = nnx.eval_shape(lambda: T5(model_config, rngs=nnx.Rngs(0)))
+  return nnx.split(model, nnx.Param)
+
+
+def restore_params(workdir: str, step: int, abstract_params):
+  """The parameters of checkpoint `step` (only those: no optimizer state, no data iterator).
+
+  Any failure (a partial or corrupt checkpoint, another model) is a UserError of one line.
+  """
+  from t5mix import train  # train owns the checkpoint layout
+  path = os.path.join(os.path.abspath(workdir), "checkpoints", str(step))
+  _ignore_closed_event_loop_errors()
+  try:
+    return train.restore_params(path, abstract_params)
+  except UserError as e:
+    reason = str(e).split(f"{path}: ", 1)[-1]
+  except Exception as e:  # orbax/tensorstore raise many kinds on damaged files
+    reason = f"cannot restore parameters ({type(e).__name__}: {_first_line(e)})"
+  raise UserError(f"checkpoint {step}: {reason}")
+
+
+def _ignore_closed_event_loop_errors() -> None:
+  """When one read of a damaged checkpoint fails, orbax closes its event loop while tensorstore
+  still completes the other reads; their callbacks then raise 'Event loop is closed' as
+  unraisable exceptions, dozens of tracebacks after our one-line message. Drop just those."""
+  previous = sys.unraisablehook
+  if getattr(previous, "_t5mix", False):
+    return
+
+  def hook(unraisable):
+    value = unraisable.exc_value
+    if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+      return
+    previous(unraisable)
+
+  hook._t5mix = True
+  sys.unraisablehook = hook
+
+
+def _first_line(e: BaseException, limit: int = 200) -> str:
+  text = str(e).strip()
+  line = text.splitlines()[0] if text else type(e).__name__
+  return line if len(line) <= limit else line[:limit - 1] + "…"
+
+
+def check_vocabulary(task: seqio.Task, model_config: T5Config) -> None:
+  vocab = task.output_features["targets"].vocabulary
+  from t5mix.vocab import check_vocabulary as check_file
+  check_file(vocab)
+  if vocab.vocab_size > model_config.vocab_size:
+    raise UserError(f"task {task.name!r}: its vocabulary has {vocab.vocab_size} ids but the model "
+                    f"has {model_config.vocab_size}; pass the run's --vocab")
+
+
+# ---------------------------------------------------------------------------------------------
+# Batched decoding.
+
+
+class Decoder:
+  """Decodes [N, L] encoder (or prompt) tokens in batches of a fixed size, so jit compiles once.
+
+  beam_size 1 is greedy decoding; more is beam search (t5x's length penalty, alpha 0.6).
+  """
+
+  def __init__(self, graphdef, *, max_decode_len: int, beam_size: int = 1,
+               batch_size: int = DEFAULT_BATCH_SIZE):
+    if beam_size < 1:
+      raise UserError(f"--beam-size must be at least 1, got {beam_size}")
+    if batch_size < 1:
+      raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    self.graphdef, self.max_decode_len = graphdef, max_decode_len
+    self.beam_size, self.batch_size = beam_size, batch_size
+
+  @property
+  def description(self) -> str:
+    return "greedy" if self.beam_size == 1 else f"beam search ({self.beam_size} beams)"
+
+  def __call__(self, params, inputs: np.ndarray) -> np.ndarray:
+    model = nnx.merge(self.graphdef, params)
+    outputs = []
+    for start in range(0, len(inputs), self.batch_size):
+      chunk = inputs[start:start + self.batch_size]
+      n = len(chunk)
+      if n < self.batch_size:  # pad with copies of a real row: they stop at EOS like it does
+        chunk = np.concatenate([chunk, np.repeat(chunk[:1], self.batch_size - n, axis=0)])
+      if self.beam_size == 1:
+        tokens = decode.greedy(model, chunk, max_decode_len=self.max_decode_len)
+      else:
+        tokens = decode.beam_search(model, chunk, max_decode_len=self.max_decode_len,
+                                    beam_size=self.beam_size)
+      outputs.append(np.asarray(jax.device_get(tokens))[:n])
+    return np.concatenate(outputs) if outputs else np.zeros((0, self.max_decode_len), np.int32)
+
+
+def tokenize_inputs(texts: Sequence[str], vocab: seqio.Vocabulary, length: int) -> np.ndarray:
+  """[N, length] int32: each text's tokens, trimmed to length - 1, then EOS, then padding (as
+  seqio's tokenize + append_eos_after_trim + feature converter make the encoder inputs)."""
+  out = np.zeros((len(texts), length), np.int32)
+  for i, text in enumerate(texts):
+    ids = list(vocab.encode(text))[:length - 1] + [decode.EOS_ID]
+    out[i, :len(ids)] = ids
+  return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The evaluator.
+
+
+def eval_tasks(names: Sequence[str], split: str, *, explicit: bool,
+               note: Callable[[str], None] = print) -> list[seqio.Task]:
+  """The tasks (of the tasks/mixtures `names`) that have metrics and `split`.
+
+  Named explicitly (--tasks), a task without them is an error; from the run's mixture, it is
+  skipped with a note (span corruption has no metrics).
+  """
+  tasks: dict[str, seqio.Task] = {}
+  for name in names:
+    for task in input_pipeline.leaf_tasks(name):
+      tasks.setdefault(task.name, task)
+  chosen = []
+  for task in tasks.values():
+    if not task.metric_fns:
+      problem = "has no metrics"
+    elif split not in task.splits:
+      problem = f"has no {split!r} split (it has {', '.join(task.splits)})"
+    else:
+      chosen.append(task)
+      continue
+    if explicit:
+      raise UserError(f"task {task.name!r} {problem}; nothing to evaluate")
+    note(f"skipping task {task.name}: it {problem}")
+  if not chosen:
+    raise UserError(f"{', '.join(names)}: no task has metrics and a {split!r} split")
+  return chosen
+
+
+class Evaluator:
+  """Scores parameters on tasks; built once, called per checkpoint (or every eval_every steps).
+
+  One seqio.Evaluator per task holds the task's cached examples, model features and
+  postprocessed targets; our predict_fn additionally keeps each task's stacked input tokens.
+  """
+
+  def __init__(self, tasks: Sequence[seqio.Task], decoder: Decoder, *, split: str = "validation",
+               lengths: dict[str, int], max_examples: int | None = None):
+    if max_examples is not None and max_examples < 1:
+      raise UserError(f"--max-examples must be at least 1, got {max_examples}")
+    self.decoder, self.split = decoder, split
+    self._inputs: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    self._evaluators: dict[str, seqio.Evaluator] = {}
+    converter = seqio.EncDecFeatureConverter(pack=False)  # encoder_input_tokens = the inputs
+    for task in tasks:
+      try:
+        evaluator = seqio.Evaluator(
+            task.name, converter, eval_split=split, sequence_length=dict(lengths),
+            num_examples=max_examples, shuffle=False, use_memory_cache=True,
+            async_compute_metrics=False)
+      except UserError:
+        raise
+      except (ValueError, KeyError) as e:
+        raise UserError(f"task {task.name!r}: cannot build its {split!r} examples "
+                        f"({_first_line(e)})") from None
+      if not evaluator.eval_tasks:
+        raise UserError(f"task {task.name!r}: no metrics or no {split!r} split")
+      count = int(evaluator.cached_task_datasets[task.name].cardinality())
+      if count == 0:
+        raise UserError(f"task {task.name!r}: split {split!r} has no examples")
+      self._evaluators[task.name] = evaluator
+    self.examples = {name: int(ev.cached_task_datasets[name].cardinality())
+                     for name, ev in self._evaluators.items()}
+
+  @property
+  def task_names(self) -> list[str]:
+    return list(self._evaluators)
+
+  def _predict_fn(self, name: str, params):
+    def predict_fn(dataset, model_feature_shapes=None):
+      del model_feature_shapes
+      if name not in self._inputs:  # the same examples for every checkpoint: stack them once
+        indices, rows = [], []
+        for index, features in dataset.as_numpy_iterator():
+          indices.append(int(index))
+          rows.append(features["encoder_input_tokens"])
+        self._inputs[name] = (np.asarray(indices), np.stack(rows).astype(np.int32))
+      indices, inputs = self._inputs[name]
+      tokens = self.decoder(params, inputs)
+      return [(int(i), row) for i, row in zip(indices, tokens)]
+    return predict_fn
+
+  def evaluate(self, params, step: int | None = None) -> dict[str, dict[str, float]]:
+    """{task: {metric: value}} (T5 scale: ×100)."""
+    results = {}
+    for name, evaluator in self._evaluators.items():
+      try:
+        future, _ = evaluator.evaluate(compute_metrics=True, step=step,
+                                       predict_fn=self._predict_fn(name, params))
+        scores = future.result()[name]
+      except ValueError as e:  # a gold target the postprocessor cannot read: a bug in the task
+        raise UserError(f"task {name!r}: cannot score ({_first_line(e.__cause__ or e)})") from None
+      results[name] = {k: float(getattr(v, "value", v)) for k, v in scores.items()}
+    return results
+
+
+def task_mean(scores: dict[str, float]) -> float:
+  return float(np.mean(list(scores.values())))
+
+
+# ---------------------------------------------------------------------------------------------
+# `t5mix eval`: every chosen checkpoint, then the table, results.json and metrics.png.
+
+
+@dataclasses.dataclass
+class EvalOptions:
+  checkpoints: str | None = None        # all | latest | N,M
+  split: str = "validation"
+  tasks: list[str] | None = None        # default: the run's mixture
+  beam_size: int = 1
+  max_examples: int | None = None
+  batch_size: int = DEFAULT_BATCH_SIZE
+  inputs_length: int | None = None      # default: the run's data.inputs_length
+  targets_length: int | None = None     # default: the run's data.targets_length (max decode length)
+
+
+def run_eval(workdir: str, options: EvalOptions, *, log: Callable[[str], None] = print) -> dict:
+  """Evaluates checkpoints of `workdir`; writes eval/results.json and eval/metrics.png; returns
+  the results (as in results.json)."""
+  run = open_run(workdir)
+  steps = choose_steps(workdir, options.checkpoints)
+  if options.tasks:
+    names, explicit = options.tasks, True
+  elif run.config is not None:
+    names, explicit = [run.config.data.mixture], False
+  else:
+    raise UserError(f"{workdir}: has no config.yaml naming a mixture; pass --tasks T1,T2")
+  tasks = eval_tasks(names, options.split, explicit=explicit, note=log)
+  for task in tasks:
+    check_vocabulary(task, run.model_config)
+  lengths = run.lengths
+  if options.inputs_length:
+    lengths["inputs"] = options.inputs_length
+  if options.targets_length:
+    lengths["targets"] = options.targets_length
+  graphdef, abstract = abstract_model(run.model_config)
+  decoder = Decoder(graphdef, max_decode_len=lengths["targets"], beam_size=options.beam_size,
+                    batch_size=options.batch_size)
+  evaluator = Evaluator(tasks, decoder, split=options.split, lengths=lengths,
+                        max_examples=options.max_examples)
+  log(f"evaluating {', '.join(f'{n} ({k} examples)' for n, k in evaluator.examples.items())} "
+      f"on {options.split!r}, {decoder.description}, at step(s) {', '.join(map(str, steps))}")
+
+  by_step, skipped = {}, {}
+  for step in steps:
+    try:
+      params = restore_params(workdir, step, abstract)
+    except UserError as e:
+      log(f"skipping {e}")
+      skipped[step] = str(e)
+      continue
+    start = time.time()
+    by_step[step] = evaluator.evaluate(params, step)
+    log(f"step {step}: average {metrics.glue_average(by_step[step]):.2f} "
+        f"({time.time() - start:.1f} s)")
+  if not by_step:
+    raise UserError(f"{workdir}: none of the chosen checkpoints could be restored")
+
+  results = summarize(by_step)
+  results.update(workdir=os.path.abspath(workdir), split=options.split,
+                 mixture=run.config.data.mixture if run.config else None,
+                 decoding={"beam_size": options.beam_size, "max_decode_len": lengths["targets"],
+                           "inputs_length": lengths["inputs"]},
+                 examples=evaluator.examples,
+                 skipped={str(k): v for k, v in skipped.items()})
+  out_dir = os.path.join(workdir, "eval")
+  os.makedirs(out_dir, exist_ok=True)
+  json_path = os.path.join(out_dir, "results.json")
+  with open(json_path + ".tmp", "w") as f:
+    json.dump(results, f, indent=2)
+  os.replace(json_path + ".tmp", json_path)
+  png_path = os.path.join(out_dir, "metrics.png")
+  plot(results, png_path)
+  for line in format_table(results):
+    log(line)
+  log(f"wrote {json_path} and {png_path}")
+  return results
+
+
+def summarize(by_step: dict[int, dict[str, dict[str, float]]]) -> dict:
+  """results.json's content: scores per step, task means, best checkpoints and both averages."""
+  steps = sorted(by_step)
+  tasks = list(dict.fromkeys(t for s in steps for t in by_step[s]))
+  means = {s: {t: task_mean(by_step[s][t]) for t in by_step[s]} for s in steps}
+  best = {}
+  for t in tasks:
+    step = max((s for s in steps if t in means[s]), key=lambda s: (means[s][t], s))
+    best[t] = {"step": step, "mean": means[step][t], "metrics": by_step[step][t]}
+  averages = {s: metrics.glue_average(by_step[s]) for s in steps}
+  single = max(steps, key=lambda s: (averages[s], s))
+  return {
+      "tasks": tasks,
+      "steps": {str(s): {"metrics": by_step[s], "task_means": means[s], "average": averages[s]}
+                for s in steps},
+      "best_per_task": best,
+      "average_best_per_task": float(np.mean([best[t]["mean"] for t in tasks])),
+      "single_best_checkpoint": {"step": single, "average": averages[single]},
+  }
+
+
+def format_table(results: dict) -> list[str]:
+  """Steps × tasks: each task's metrics and mean (`*`: the task's best checkpoint)."""
+  tasks, steps = results["tasks"], results["steps"]
+  metric_names = {t: list(dict.fromkeys(m for s in steps.values() for m in s["metrics"].get(t, {})))
+                  for t in tasks}
+  header2 = ["step"]
+  for t in tasks:
+    header2 += metric_names[t] + ["mean"]
+  header2.append("average")
+  rows = []
+  for key, entry in steps.items():
+    row = [key]
+    for t in tasks:
+      scores = entry["metrics"].get(t)
+      row += [f"{scores[m]:.2f}" if scores and m in scores else "-" for m in metric_names[t]]
+      mark = "*" if results["best_per_task"][t]["step"] == int(key) else " "
+      row.append(f"{entry['task_means'][t]:.2f}{mark}" if t in entry["task_means"] else "- ")
+    single = results["single_best_checkpoint"]["step"] == int(key)
+    row.append(f"{entry['average']:.2f}{'*' if single else ' '}")
+    rows.append(row)
+  widths = [max(len(str(x)) for x in col) for col in zip(header2, *rows)]
+  # The first header line names each task above its group of columns.
+  header1, i = [""], 1
+  for t in tasks:
+    span = len(metric_names[t]) + 1
+    width = sum(widths[i:i + span]) + 2 * (span - 1)
+    header1.append(t[:width].ljust(width))
+    i += span
+  header1.append("")
+  widths1 = [widths[0]] + [len(h) for h in header1[1:-1]] + [widths[-1]]
+  lines = ["  ".join(h.ljust(w) for h, w in zip(header1, widths1)).rstrip(),
+           "  ".join(h.rjust(w) for h, w in zip(header2, widths)),
+           "  ".join("-" * w for w in widths)]
+  lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows]
+  best = ", ".join(f"{t} at step {b['step']} ({b['mean']:.2f})"
+                   for t, b in results["best_per_task"].items())
+  single = results["single_best_checkpoint"]
+  lines += ["",
+            f"best checkpoint per task (*): {best}",
+            f"average of task means, best checkpoint per task: {results['average_best_per_task']:.2f}",
+            f"average of task means, single best checkpoint (step {single['step']}): "
+            f"{single['average']:.2f}"]
+  return lines
+
+
+def plot(results: dict, path: str) -> None:
+  """Each task's mean metric (and the average) against step."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  steps = sorted(int(s) for s in results["steps"])
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  for t in results["tasks"]:
+    points = [(s, results["steps"][str(s)]["task_means"][t]) for s in steps
+              if t in results["steps"][str(s)]["task_means"]]
+    ax.plot(*zip(*points), marker="o", label=t)
+  ax.plot(steps, [results["steps"][str(s)]["average"] for s in steps], "k--", marker="s",
+          label="average")
+  ax.set_xlabel("step")
+  ax.set_ylabel("mean metric (×100)")
+  ax.set_title(f"{os.path.basename(results.get('workdir', '')) or 'eval'}: {results.get('split', '')}")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize="small")
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# During training: every `eval_every` steps on the in-memory parameters.
+
+
+class DuringTraining:
+  """The train loop's evaluator: `hook(step, params)` scores the mixture's tasks (at most
+  `eval_examples` validation examples each), logs eval/<task>/<metric>, eval/<task>/mean and
+  eval/average to TensorBoard and prints one line."""
+
+  def __init__(self, c: config_lib.TrainConfig, graphdef, writer, log: Callable[[str], None] = print):
+    self.writer, self.log, self.evaluator = writer, log, None
+    if jax.process_count() > 1:  # our decoding feeds host arrays: one process holds every shard
+      log("eval_every: evaluation during training needs a single-process run; skipped "
+          "(run `t5mix eval` on the checkpoints instead)")
+      return
+    tasks = eval_tasks([c.data.mixture], "validation", explicit=False, note=log)
+    lengths = {"inputs": c.data.inputs_length, "targets": c.data.targets_length}
+    decoder = Decoder(graphdef, max_decode_len=c.data.targets_length)
+    self.evaluator = Evaluator(tasks, decoder, lengths=lengths, max_examples=c.eval_examples)
+    log(f"evaluating every {c.eval_every} steps on 'validation': "
+        + ", ".join(f"{n} ({k} examples)" for n, k in self.evaluator.examples.items()))
+
+  def __call__(self, step: int, params) -> dict[str, Any]:
+    import tensorflow as tf
+    if self.evaluator is None:
+      return {}
+    start = time.time()
+    results = self.evaluator.evaluate(params, step)
+    average = metrics.glue_average(results)
+    with self.writer.as_default(step=step):
+      for task, scores in results.items():
+        for name, value in scores.items():
+          tf.summary.scalar(f"eval/{task}/{name}", value)
+        tf.summary.scalar(f"eval/{task}/mean", task_mean(scores))
+      tf.summary.scalar("eval/average", average)
+    parts = " | ".join(f"{t} " + " ".join(f"{m} {v:.1f}" for m, v in s.items())
+                       for t, s in results.items())
+    self.log(f"eval   {step:>6}  average {average:.2f}  ({time.time() - start:.1f} s)  | {parts}")
+    return {"step": step, "average": average, "metrics": results}

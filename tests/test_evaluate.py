@@ -1,0 +1,397 @@
+"""Evaluation: `t5mix eval` (table, results.json, metrics.png, averages, corrupt checkpoints),
+evaluation during training, `t5mix predict`, `t5mix embed`, and their errors.
+
+Two runs are shared across tests: `small_run` (20 steps, seconds: mechanics and errors) and, for
+the slow tests, `trained_run` (500 steps of a tiny model, a minute or a few on 2 CPU cores), which
+must beat the trivial baselines on every demo task.
+"""
+
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+
+from t5mix import config as config_lib
+from t5mix import definitions, evaluate, metrics, registry, train
+from t5mix.errors import UserError
+
+TINY = ["model=tiny", "data.mixture=demo_supervised", "data.batch_size=8", "data.inputs_length=64",
+        "data.targets_length=16", "log_every=10", "optimizer.warmup_steps=5"]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def builtin_definitions():
+  definitions.load()
+
+
+def _train(workdir, *overrides, log=lambda *a: None):
+  c = config_lib.load(None, TINY + list(overrides))
+  return train.train(c, str(workdir), quiet=True, log=log)
+
+
+@pytest.fixture(scope="module")
+def small_run_and_log(tmp_path_factory):
+  """A 20-step run with checkpoints at 10 and 20, evaluated during training every 10 steps (3
+  examples per task): far from good, enough for the mechanics. (workdir, log lines)."""
+  workdir = tmp_path_factory.mktemp("small_run")
+  lines = []
+  _train(workdir, "steps=20", "checkpoint_every=10", "eval_every=10", "eval_examples=3",
+         log=lines.append)
+  return workdir, lines
+
+
+@pytest.fixture(scope="module")
+def small_run(small_run_and_log):
+  return small_run_and_log[0]
+
+
+def _table_lines(out):
+  return [line for line in out.splitlines() if line.strip()]
+
+
+# ---------------------------------------------------------------------------------------------
+# t5mix eval
+
+
+def test_eval_prints_table_and_writes_json_and_png(cli, small_run):
+  rc, out, err = cli("eval", "--workdir", small_run, "--max-examples", 8)
+  assert rc == 0, err
+  assert "Traceback" not in err
+  lines = _table_lines(out)
+  header = next(i for i, line in enumerate(lines) if line.split()[:1] == ["step"]
+                and "precision" in line.split())
+  assert all(t in lines[header - 1] for t in ("demo_ner", "demo_qa", "demo_sentiment"))
+  for name in ("precision", "recall", "em", "accuracy", "mean", "average"):
+    assert name in lines[header].split()
+  rows = {line.split()[0]: line for line in lines[header + 2:header + 4]}
+  assert set(rows) == {"10", "20"}
+  assert sum(line.count("*") for line in rows.values()) == 3 + 1  # best per task + single best
+  assert "average of task means, best checkpoint per task:" in out
+  assert "average of task means, single best checkpoint (step" in out
+
+  results = json.loads((small_run / "eval" / "results.json").read_text())
+  assert results["tasks"] == ["demo_ner", "demo_qa", "demo_sentiment"]
+  assert set(results["steps"]) == {"10", "20"}
+  assert results["examples"] == {t: 8 for t in results["tasks"]}
+  assert results["decoding"] == {"beam_size": 1, "max_decode_len": 16, "inputs_length": 64}
+  step20 = results["steps"]["20"]
+  assert set(step20["metrics"]["demo_sentiment"]) == {"accuracy", "f1"}
+  assert set(step20["metrics"]["demo_qa"]) == {"em", "f1"}
+  assert set(step20["metrics"]["demo_ner"]) == {"precision", "recall", "f1"}
+  for entry in results["steps"].values():  # T5's GLUE average: mean over tasks of task means
+    assert entry["average"] == pytest.approx(metrics.glue_average(entry["metrics"]))
+    for t, scores in entry["metrics"].items():
+      assert entry["task_means"][t] == pytest.approx(np.mean(list(scores.values())))
+  for t, best in results["best_per_task"].items():
+    assert best["mean"] == max(e["task_means"][t] for e in results["steps"].values())
+  assert results["average_best_per_task"] == pytest.approx(
+      np.mean([b["mean"] for b in results["best_per_task"].values()]))
+  single = results["single_best_checkpoint"]
+  assert single["average"] == max(e["average"] for e in results["steps"].values())
+  assert results["average_best_per_task"] >= single["average"] - 1e-9
+  assert (small_run / "eval" / "metrics.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_eval_latest_checkpoint_with_beam_search_and_chosen_tasks(cli, small_run, tmp_path):
+  workdir = tmp_path / "run"
+  shutil.copytree(small_run, workdir)
+  rc, out, err = cli("eval", "--workdir", workdir, "--checkpoints", "latest", "--tasks",
+                     "demo_sentiment,demo_ner", "--beam-size", 2, "--max-examples", 4,
+                     "--batch-size", 3)
+  assert rc == 0, err
+  assert "beam search (2 beams)" in out
+  results = json.loads((workdir / "eval" / "results.json").read_text())
+  assert list(results["steps"]) == ["20"] and results["decoding"]["beam_size"] == 2
+  assert results["tasks"] == ["demo_sentiment", "demo_ner"]
+  rc, out, err = cli("eval", "--workdir", workdir, "--checkpoints", "10", "--tasks", "demo_qa",
+                     "--max-examples", 2)
+  assert rc == 0, err
+  assert list(json.loads((workdir / "eval" / "results.json").read_text())["steps"]) == ["10"]
+
+
+def test_evaluator_caches_examples_and_is_deterministic(small_run):
+  run = evaluate.open_run(str(small_run))
+  graphdef, abstract = evaluate.abstract_model(run.model_config)
+  params = evaluate.restore_params(str(small_run), 20, abstract)
+  tasks = evaluate.eval_tasks(["demo_supervised"], "validation", explicit=False)
+  evaluator = evaluate.Evaluator(tasks, evaluate.Decoder(graphdef, max_decode_len=16),
+                                 lengths=run.lengths, max_examples=5)
+  first = evaluator.evaluate(params, 20)
+  assert set(evaluator._inputs) == set(first)  # input tokens stacked once per task
+  assert all(inputs.shape == (5, 64) for _, inputs in evaluator._inputs.values())
+  assert evaluator.evaluate(params, 20) == first
+
+
+def _truncate_state_files(workdir, step):
+  """Cuts every array data file of a checkpoint's state to a third (as a crash mid-write would)."""
+  files = [p for p in (workdir / "checkpoints" / str(step) / "state").rglob("*")
+           if p.is_file() and p.parent.name == "d"]
+  assert files
+  for path in files:
+    with open(path, "r+b") as f:
+      f.truncate(path.stat().st_size // 3)
+
+
+def test_corrupt_checkpoint_is_skipped_with_one_line(cli, small_run, tmp_path, expect_error):
+  workdir = tmp_path / "run"
+  shutil.copytree(small_run, workdir)
+  _truncate_state_files(workdir, 10)
+  rc, out, err = cli("eval", "--workdir", workdir, "--max-examples", 4)
+  assert rc == 0, err
+  assert "Traceback" not in err and "Event loop is closed" not in err, err
+  skipped = [line for line in out.splitlines() if line.startswith("skipping checkpoint")]
+  assert len(skipped) == 1 and skipped[0].startswith("skipping checkpoint 10: cannot restore"), out
+  results = json.loads((workdir / "eval" / "results.json").read_text())
+  assert list(results["steps"]) == ["20"] and list(results["skipped"]) == ["10"]
+  # Nothing restorable at all is an error.
+  _truncate_state_files(workdir, 20)
+  rc, out, err = cli("eval", "--workdir", workdir, "--max-examples", 4)
+  expect_error(rc, err, "none of the chosen checkpoints could be restored")
+
+
+def test_eval_during_training_logs_metrics_to_tensorboard(small_run_and_log):
+  import tensorflow as tf
+  workdir, lines = small_run_and_log
+  assert any(line.startswith("evaluating every 10 steps on 'validation': demo_ner (3 examples)")
+             for line in lines), lines
+  evals = [line for line in lines if line.startswith("eval ")]
+  assert len(evals) == 2 and "average" in evals[0] and "demo_sentiment accuracy" in evals[0], lines
+  tags = set()
+  for path in (workdir / "tensorboard").iterdir():
+    for event in tf.compat.v1.train.summary_iterator(str(path)):
+      tags.update(v.tag for v in event.summary.value)
+  assert {"eval/average", "eval/demo_sentiment/accuracy", "eval/demo_qa/f1",
+          "eval/demo_ner/mean"} <= tags, tags
+  with pytest.raises(UserError, match="eval_every"):
+    config_lib.load(None, ["eval_every=-1"])
+  with pytest.raises(UserError, match="eval_examples"):
+    config_lib.load(None, ["eval_examples=0"])
+
+
+# ---------------------------------------------------------------------------------------------
+# predict / embed
+
+
+def test_predict_text_arguments(cli, small_run):
+  rc, out, err = cli("predict", "--workdir", small_run, "--task", "demo_sentiment",
+                     "the movie was great .", "the food was not good .")
+  assert rc == 0, err
+  lines = out.splitlines()
+  assert lines[0] == "[0] sentiment: the movie was great ."
+  assert lines[2] == "[1] sentiment: the food was not good ."
+  assert lines[1].startswith("    -> ") and lines[3].startswith("    -> ")
+  rc, out, err = cli("predict", "--workdir", small_run, "--task", "demo_ner", "--checkpoint", 10,
+                     "Alice Moreno visited Lisbon last week .")
+  assert rc == 0, err
+  assert out.startswith("[0] demo_ner: Alice Moreno visited Lisbon last week .\n    -> ")
+
+
+def test_predict_jsonl_in_and_out(cli, small_run, tmp_path):
+  inputs = tmp_path / "in.jsonl"
+  inputs.write_text(json.dumps({"question": "Where does Alice live?",
+                                "context": "Alice lives in Oslo. Bruno works as a baker."}) + "\n\n"
+                    + json.dumps({"question": "What is the job of Bruno?",
+                                  "context": "Bruno works as a baker."}) + "\n")
+  output = tmp_path / "out.jsonl"
+  rc, out, err = cli("predict", "--workdir", small_run, "--task", "demo_qa", "--input", inputs,
+                     "--output", output)
+  assert rc == 0, err
+  assert out.strip() == f"wrote 2 predictions (checkpoint 20) to {output}"
+  rows = [json.loads(line) for line in output.read_text().splitlines()]
+  assert len(rows) == 2
+  assert rows[0]["inputs"] == ("question: Where does Alice live? context: Alice lives in Oslo. "
+                               "Bruno works as a baker.")
+  assert rows[1]["record"] == {"question": "What is the job of Bruno?",
+                               "context": "Bruno works as a baker."}
+  assert all(isinstance(r["prediction"], str) and r["parsed"] == r["prediction"] for r in rows)
+
+
+def test_predict_parses_labels_and_entities():
+  from t5mix import predict
+  import seqio
+  sentiment, ner = seqio.get_mixture_or_task("demo_sentiment"), seqio.get_mixture_or_task("demo_ner")
+  assert predict.parse(sentiment, "positive") == "positive"
+  assert predict.parse(sentiment, "posi tive!") is None  # not a label word: scored as wrong
+  assert predict.parse(ner, "PER: Alice Moreno; LOC: Oslo") == [["PER", "Alice Moreno"],
+                                                                 ["LOC", "Oslo"]]
+  assert predict.parse(ner, "PER Alice ;;") == []  # unparseable: no entities
+
+
+def test_embed_writes_mean_pooled_rows_and_texts(cli, small_run, tmp_path):
+  out = tmp_path / "emb" / "sentiment.npy"
+  rc, stdout, err = cli("embed", "--workdir", small_run, "--task", "demo_sentiment", "--out", out,
+                        "--max-examples", 10, "--batch-size", 4)
+  assert rc == 0, err
+  x = np.load(out)
+  assert x.shape == (10, 64) and x.dtype == np.float32 and np.isfinite(x).all()
+  rows = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
+  expected = registry.examples(registry.get_task_or_mixture("demo_sentiment").t5mix_spec,
+                               "validation")[:10]
+  assert [r["inputs"] for r in rows] == [e["inputs"] for e in expected]
+  assert [r["targets"] for r in rows] == [e["targets"] for e in expected]
+  # Mean pooling ignores padding: one example alone gives the same vector.
+  one = tmp_path / "one.npy"
+  rc, _, err = cli("embed", "--workdir", small_run, "--task", "demo_sentiment", "--out", one,
+                   "--max-examples", 1)
+  assert rc == 0, err
+  np.testing.assert_allclose(np.load(one)[0], x[0], rtol=1e-5, atol=1e-5)
+
+
+def test_format_inputs_is_format_records_inputs():
+  for name in ("demo_sentiment", "demo_qa", "demo_ner"):
+    spec = registry.get_task_or_mixture(name).t5mix_spec
+    records = (registry._file_records(spec, "validation"))[:5]
+    for record in records:
+      raw = {k: v for k, v in record.items() if k not in (spec.label, "answers", "tags")}
+      assert registry.format_inputs(spec, raw, "x") == registry.format_record(spec, record, "x")["inputs"]
+  assert registry.input_fields(registry.get_task_or_mixture("demo_sentiment").t5mix_spec) == ["sentence"]
+  assert registry.input_fields(registry.get_task_or_mixture("demo_qa").t5mix_spec) == [
+      "question", "context"]
+  ner_spec = registry.get_task_or_mixture("demo_ner").t5mix_spec
+  assert registry.format_inputs(ner_spec, {"sentence": " Alice  visited Oslo "}, "x") == (
+      "demo_ner: Alice visited Oslo")
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad inputs: one line, exit 2.
+
+
+@pytest.fixture
+def bad_dirs(tmp_path, small_run):
+  (tmp_path / "not_a_run").mkdir()
+  no_ckpt = tmp_path / "no_ckpt"
+  no_ckpt.mkdir()
+  for name in ("config.yaml", "model.yaml"):
+    shutil.copy(small_run / name, no_ckpt / name)
+  (tmp_path / "empty.jsonl").write_text("\n")
+  (tmp_path / "bad.jsonl").write_text('{"sentence": "fine"}\n{"sentence": \n')
+  return tmp_path
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["eval", "--workdir", "{tmp}/missing"], "{tmp}/missing: no such workdir"),
+    (["eval", "--workdir", "{tmp}/not_a_run"], "{tmp}/not_a_run: not a t5mix workdir"),
+    (["eval", "--workdir", "{tmp}/no_ckpt"], "{tmp}/no_ckpt: no checkpoints"),
+    (["eval", "--workdir", "{run}", "--tasks", "demo_sentimnt"],
+     "unknown task or mixture 'demo_sentimnt'; did you mean demo_sentiment"),
+    (["eval", "--workdir", "{run}", "--tasks", "demo_text"], "task 'demo_text' has no metrics"),
+    (["eval", "--workdir", "{run}", "--tasks", "demo_qa", "--split", "test"],
+     "task 'demo_qa' has no 'test' split"),
+    (["eval", "--workdir", "{run}", "--split", "test"], "no task has metrics and a 'test' split"),
+    (["eval", "--workdir", "{run}", "--checkpoints", "15"], "no checkpoint at step 15; there are 10, 20"),
+    (["eval", "--workdir", "{run}", "--checkpoints", "best"], "expected all, latest or steps"),
+    (["predict", "--workdir", "{tmp}/missing", "--task", "demo_qa", "x"], "no such workdir"),
+    (["predict", "--workdir", "{run}", "--task", "nope", "x"], "unknown task or mixture 'nope'"),
+    (["predict", "--workdir", "{run}", "--task", "demo_supervised", "x"], "is a mixture"),
+    (["predict", "--workdir", "{run}", "--task", "demo_sentiment", "--input", "{tmp}/empty.jsonl"],
+     "{tmp}/empty.jsonl: empty input file"),
+    (["predict", "--workdir", "{run}", "--task", "demo_sentiment", "--input", "{tmp}/bad.jsonl"],
+     "{tmp}/bad.jsonl:2: not valid JSON"),
+    (["predict", "--workdir", "{run}", "--task", "demo_sentiment", "--input", "{tmp}/none.jsonl"],
+     "{tmp}/none.jsonl: no such input file"),
+    (["predict", "--workdir", "{run}", "--task", "demo_qa", "where?"],
+     "task 'demo_qa' reads 2 fields (question, context); pass JSON lines"),
+    (["predict", "--workdir", "{run}", "--task", "demo_sentiment"], "nothing to predict"),
+    (["predict", "--workdir", "{run}", "--task", "demo_sentiment", "--checkpoint", "7", "x"],
+     "no checkpoint at step 7"),
+    (["embed", "--workdir", "{run}", "--task", "demo_qa", "--split", "test", "--out", "{tmp}/x.npy"],
+     "task 'demo_qa' has no split 'test'; it has train, validation"),
+    (["embed", "--workdir", "{tmp}/no_ckpt", "--task", "demo_qa", "--out", "{tmp}/x.npy"],
+     "no checkpoints"),
+])
+def test_bad_inputs(cli, expect_error, bad_dirs, small_run, argv, message):
+  fill = lambda s: s.format(tmp=bad_dirs, run=small_run)  # noqa: E731
+  rc, out, err = cli(*[fill(a) for a in argv])
+  expect_error(rc, err, fill(message))
+
+
+# ---------------------------------------------------------------------------------------------
+# Slow: a run trained long enough to beat the trivial baselines.
+
+MIXTURE = "evaltest_demo_weighted"
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+  """500 steps of the tiny model on the three demo tasks, trained by the console script.
+
+  The mixture is a user definition named by the run config (data.tasks_dir), so `t5mix eval` in a
+  fresh process must load it from the workdir's config.yaml. Sentiment is weighted up (10:1:1):
+  a tiny model needs ~10k sentiment examples to leave the constant-answer plateau, which the
+  T=2 demo_supervised mixture reaches only after ~1,500 steps.
+  """
+  root = tmp_path_factory.mktemp("trained_run")
+  defs = root / "mixture.yaml"
+  defs.write_text(yaml.safe_dump({"mixtures": [{
+      "name": MIXTURE, "rate": "explicit",
+      "tasks": [{"name": "demo_sentiment", "rate": 10}, {"name": "demo_qa", "rate": 1},
+                {"name": "demo_ner", "rate": 1}]}]}))
+  config = root / "run.yaml"
+  config.write_text(yaml.safe_dump({
+      "model": "tiny", "model_overrides": {"dropout_rate": 0.0}, "steps": 500,
+      "checkpoint_every": 250, "log_every": 100,
+      "optimizer": {"name": "adamw", "learning_rate": 3e-3, "schedule": "constant",
+                    "warmup_steps": 30},
+      "data": {"mixture": MIXTURE, "batch_size": 16, "inputs_length": 160, "targets_length": 16,
+               "tasks_dir": [str(defs)]}}))
+  workdir = root / "run"
+  run = _console(["train", "--config", str(config), "--workdir", str(workdir), "--quiet"],
+                 timeout=1200)
+  assert run.returncode == 0, run.stdout + run.stderr
+  return workdir
+
+
+def _console(argv, timeout=600):
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+  return subprocess.run([sys.executable, "-m", "t5mix.cli", *argv], capture_output=True, text=True,
+                        timeout=timeout, env=env, cwd=pathlib.Path(__file__).parent.parent)
+
+
+@pytest.mark.slow
+def test_trained_run_beats_trivial_baselines(trained_run):
+  run = _console(["eval", "--workdir", str(trained_run)])  # a fresh process: config.yaml's defs
+  assert run.returncode == 0, run.stdout + run.stderr
+  assert run.stderr == "", run.stderr
+  results = json.loads((trained_run / "eval" / "results.json").read_text())
+  assert results["mixture"] == MIXTURE and set(results["steps"]) == {"250", "500"}
+  assert results["examples"] == {"demo_ner": 300, "demo_qa": 300, "demo_sentiment": 300}
+  final = results["steps"]["500"]["metrics"]
+  # Balanced labels: the majority class scores 50%. A constant answer scores ~0 on QA and NER.
+  assert final["demo_sentiment"]["accuracy"] > 60, final
+  assert final["demo_qa"]["f1"] > 0, final
+  assert final["demo_ner"]["f1"] > 5, final
+  for line in ("best checkpoint per task (*):", "average of task means, best checkpoint per task:",
+               "average of task means, single best checkpoint (step"):
+    assert line in run.stdout
+  assert (trained_run / "eval" / "metrics.png").read_bytes()[:8] == PNG_MAGIC
+
+
+@pytest.mark.slow
+def test_trained_run_predict_and_embedding_probe(trained_run, tmp_path):
+  from sklearn.linear_model import LogisticRegression
+  from t5mix import predict
+  step, results = predict.predict(str(trained_run), "demo_sentiment",
+                                  ["the movie was great .", "the food was awful ."])
+  assert step == 500
+  assert all(r["parsed"] in ("positive", "negative") for r in results), results
+  step, results = predict.predict(str(trained_run), "demo_ner",
+                                  ["Alice Moreno visited Lisbon last week ."])
+  assert isinstance(results[0]["parsed"], list)
+
+  def embed(split, n):
+    out = tmp_path / f"{split}.npy"
+    predict.embed(str(trained_run), "demo_sentiment", str(out), split=split, max_examples=n)
+    labels = [json.loads(line)["targets"] for line in out.with_suffix(".jsonl").read_text().splitlines()]
+    return np.load(out), labels
+
+  x_train, y_train = embed("train", 1500)
+  x_val, y_val = embed("validation", None)
+  probe = LogisticRegression(max_iter=1000).fit(x_train, y_train)
+  assert probe.score(x_val, y_val) > 0.6

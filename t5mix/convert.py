@@ -7,16 +7,14 @@ has one) and a step-0 checkpoint of parameters only, so `t5mix train --init-from
 
 from __future__ import annotations
 
-import dataclasses
 import os
 
 import orbax.checkpoint as ocp
-import yaml
 from flax import nnx
 
 from t5mix import hf_interop
 from t5mix.errors import UserError
-from t5mix.model import T5, T5Config, load_model_config
+from t5mix.model import T5, T5Config, load_model_config, save_model_config
 
 
 def import_hf(hf_dir: str, workdir: str) -> str:
@@ -29,8 +27,7 @@ def import_hf(hf_dir: str, workdir: str) -> str:
       hf_dir, copy_vocab_to=os.path.join(workdir, hf_interop.VOCAB_FILE))
   model = T5.from_params(config, params)
   _, state = nnx.split(model, nnx.Param)
-  with open(os.path.join(workdir, "model.yaml"), "w") as f:
-    yaml.safe_dump(dataclasses.asdict(config), f, sort_keys=False)
+  save_model_config(config, os.path.join(workdir, "model.yaml"))
   manager = ocp.CheckpointManager(ckpt_dir, item_names=("state", "data"))
   manager.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave({"step": 0, "params": state})))
   manager.wait_until_finished()

@@ -507,7 +507,7 @@ def merge_adapters(base_workdir: str, adapters_path: str, out_workdir: str, *, f
   from flax import nnx
 
   from t5mix import convert
-  from t5mix.model import T5
+  from t5mix.model import T5, save_model_config
   tensors, metadata = load_adapters(adapters_path)
   ckpt_dir = os.path.join(os.path.abspath(out_workdir), "checkpoints")
   if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
@@ -533,8 +533,7 @@ def merge_adapters(base_workdir: str, adapters_path: str, out_workdir: str, *, f
   if fold_lora:
     model = peft.merge_lora_model(model)
   os.makedirs(out_workdir, exist_ok=True)
-  with open(os.path.join(out_workdir, "model.yaml"), "w") as f:
-    yaml.safe_dump(dataclasses.asdict(model.config), f, sort_keys=False)
+  save_model_config(model.config, os.path.join(out_workdir, "model.yaml"))
   run_config = json.loads(metadata.get("config") or "{}")
   if run_config:
     with open(os.path.join(out_workdir, "config.yaml"), "w") as f:

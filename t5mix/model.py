@@ -127,6 +127,13 @@ def load_model_config(path_or_name: str) -> T5Config:
 # --- building blocks ---------------------------------------------------------------------------------------
 
 
+def save_model_config(config: T5Config, path) -> None:
+  """Writes the config as YAML that `load_model_config` reads back (a workdir's model.yaml)."""
+  import yaml
+  with open(path, "w") as f:
+    yaml.safe_dump(dataclasses.asdict(config), f, sort_keys=False)
+
+
 def _param(rngs, std, shape, axes):
   """A float32 normal(0, std) parameter annotated with logical axis names (HF / Mesh-TF T5 init)."""
   value = std * jax.random.normal(rngs.params(), shape, jnp.float32)

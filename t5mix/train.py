@@ -27,7 +27,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from t5mix import config as config_lib
 from t5mix import distributed, finetune, input_pipeline, partitioning
 from t5mix.errors import UserError
-from t5mix.model import T5, T5Config, load_model_config
+from t5mix.model import T5, T5Config, load_model_config, save_model_config
 
 # ---------------------------------------------------------------------------------------------
 # Optimizer.
@@ -227,7 +227,8 @@ class _Stop:
       signal.signal(sig, handler)
 
 
-def build_model(c: config_lib.TrainConfig) -> tuple[T5, T5Config]:
+def build_model(c: config_lib.TrainConfig) -> T5Config:
+  """The run's model config: the named size, its overrides, then adapters/LoRA."""
   model_config = load_model_config(c.model)
   if c.model_overrides:
     model_config = dataclasses.replace(model_config, **_checked_overrides(model_config, c.model_overrides))
@@ -263,7 +264,7 @@ def train(c: config_lib.TrainConfig, workdir: str, *, init_from: str | None = No
                     f"smaller than the vocabulary ({vocab.vocab_size})")
   if distributed.is_primary():  # one process writes files and reports for all
     config_lib.save(c, os.path.join(workdir, "config.yaml"))
-    _save_model_config(model_config, os.path.join(workdir, "model.yaml"))
+    save_model_config(model_config, os.path.join(workdir, "model.yaml"))
   else:
     log, quiet = (lambda *a, **k: None), True
 
@@ -434,12 +435,6 @@ def train(c: config_lib.TrainConfig, workdir: str, *, init_from: str | None = No
       f"{summary['task_examples']}; checkpoints in {summary['checkpoints']}, TensorBoard logs in "
       f"{os.path.join(workdir, 'tensorboard')}")
   return summary
-
-
-def _save_model_config(model_config: T5Config, path: str) -> None:
-  import yaml
-  with open(path, "w") as f:
-    yaml.safe_dump(dataclasses.asdict(model_config), f, sort_keys=False)
 
 
 def _round_up(n: int, multiple: int) -> int:

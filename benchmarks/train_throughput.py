@@ -20,6 +20,9 @@ import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# PyTorch's OpenMP workers spin-wait after each op by default; interleaved with the JAX steps, that
+# spinning steals the cores from whichever framework runs next. Passive waiting keeps the runs apart.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import jax
 import jax.numpy as jnp

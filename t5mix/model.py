@@ -140,6 +140,40 @@ def _param(rngs, std, shape, axes):
   return nnx.Param(value, out_sharding=axes, eager_sharding=False)
 
 
+def _dense(x, w, in_dims: int = 1, out_dtype=None):
+  """x [..., *in] times w [*in, *out] -> [..., *out], as one 2-D matmul.
+
+  XLA:CPU runs the weight gradient of a 3-D einsum (two contracting dims) several times slower than
+  the same product on flattened 2-D operands (benchmarks/RESULTS.md, "Performance"), so flatten.
+  """
+  lead, w_in, w_out = x.shape[:x.ndim - in_dims], w.shape[:in_dims], w.shape[in_dims:]
+  y = jnp.matmul(x.reshape(math.prod(lead), math.prod(w_in)), w.reshape(math.prod(w_in), math.prod(w_out)),
+                 preferred_element_type=out_dtype)
+  return y.reshape(*lead, *w_out)
+
+
+@jax.custom_vjp
+def _add_position_bias(logits, bias):
+  """logits [B, H, Lq, Lk] + bias [1, H, Lq, Lk].
+
+  Hand-written gradient: the bias cotangent is a sum over the batch, which XLA:CPU runs ~20x faster as a
+  matmul with a ones vector than as the reduction autodiff emits (benchmarks/RESULTS.md, "Performance").
+  """
+  return logits + bias
+
+
+def _add_position_bias_fwd(logits, bias):
+  return logits + bias, None
+
+
+def _add_position_bias_bwd(_, g):
+  batch = g.shape[0]
+  return g, (jnp.ones((batch,), g.dtype) @ g.reshape(batch, -1)).reshape(1, *g.shape[1:])
+
+
+_add_position_bias.defvjp(_add_position_bias_fwd, _add_position_bias_bwd)
+
+
 def _dropout(x, rate, deterministic, rngs):
   if deterministic or rate == 0.0:
     return x
@@ -173,22 +207,26 @@ class Attention(nnx.Module):
     self.value = _param(rngs, d**-0.5, (d, h, k), ("embed", "heads", "kv"))
     self.out = _param(rngs, (h * k) ** -0.5, (h, k, d), ("heads", "kv", "embed"))
 
-  def project_kv(self, x):
-    """Keys and values [B, L, heads, kv]; separate so decoding can cache them."""
-    k = jnp.einsum("bld,dhk->blhk", x, peft.weight(self, "key", self.dtype))
-    v = jnp.einsum("bld,dhk->blhk", x, peft.weight(self, "value", self.dtype))
-    return k, v
+  def project(self, x, names):
+    """x [B, L, D] through the named projections (query/key/value): a tuple of [B, L, heads, kv].
 
-  def __call__(self, x, k, v, mask, bias, *, deterministic, rngs):
-    """x [B, Lq, D] attends to k, v [B, Lk, H, K]; mask bool and bias float32 broadcast to [B, H, Lq, Lk]."""
-    q = jnp.einsum("bqd,dhk->bqhk", x, peft.weight(self, "query", self.dtype))
+    (One matmul on the stacked weights measured no faster on CPU, so they stay separate.)"""
+    return tuple(_dense(x, peft.weight(self, name, self.dtype)) for name in names)
+
+  def project_kv(self, x):
+    """Keys and values [B, L, heads, kv]; separate from the queries so that decoding can cache them."""
+    return self.project(x, ("key", "value"))
+
+  def __call__(self, q, k, v, mask, bias, *, deterministic, rngs):
+    """Queries q [B, Lq, H, K] attend to k, v [B, Lk, H, K]; mask bool and bias float32 broadcast to
+    [B, H, Lq, Lk]. Returns [B, Lq, D]."""
     logits = jnp.einsum("bqhk,bshk->bhqs", q, k, preferred_element_type=jnp.float32)
     if bias is not None:
-      logits = logits + bias
+      logits = _add_position_bias(logits, bias)
     probs = jax.nn.softmax(jnp.where(mask, logits, NEG_INF), axis=-1)
     probs = _dropout(probs, self.dropout_rate, deterministic, rngs).astype(self.dtype)
     ctx = jnp.einsum("bhqs,bshk->bqhk", probs, v)
-    return jnp.einsum("bqhk,hkd->bqd", ctx, peft.weight(self, "out", self.dtype))
+    return _dense(ctx, peft.weight(self, "out", self.dtype), in_dims=2)
 
 
 class MLP(nnx.Module):
@@ -206,13 +244,13 @@ class MLP(nnx.Module):
     self.wo = _param(rngs, f**-0.5, (f, d), ("mlp", "embed"))
 
   def __call__(self, x, *, deterministic, rngs):
-    dense = lambda w: jnp.einsum("bld,df->blf", x, peft.weight(self, w, self.dtype))
+    dense = lambda w: _dense(x, peft.weight(self, w, self.dtype))
     if self.gated:
       h = jax.nn.gelu(dense("wi_0"), approximate=True) * dense("wi_1")  # HF gelu_new = tanh approx.
     else:
       h = jax.nn.relu(dense("wi"))
     h = _dropout(h, self.dropout_rate, deterministic, rngs)
-    return jnp.einsum("blf,fd->bld", h, peft.weight(self, "wo", self.dtype))
+    return _dense(h, peft.weight(self, "wo", self.dtype))
 
 
 class Block(nnx.Module):
@@ -234,19 +272,20 @@ class Block(nnx.Module):
     """cache: None (whole sequences) or this layer's decoding cache, written at `index`."""
     drop = lambda y: _dropout(y, self.dropout_rate, deterministic, rngs)
     h = self.self_attention_norm(x)
-    k, v = self.self_attention.project_kv(h)
+    q, k, v = self.self_attention.project(h, ("query", "key", "value"))
     if cache is not None:
       k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k, index, axis=1)
       v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v, index, axis=1)
       cache = {**cache, "k": k, "v": v}
     x = x + drop(peft.adapt(self, "self_attention_adapter",
-                            self.self_attention(h, k, v, mask, bias, deterministic=deterministic, rngs=rngs)))
+                            self.self_attention(q, k, v, mask, bias, deterministic=deterministic, rngs=rngs)))
     if self.cross_attention is not None:
       h = self.cross_attention_norm(x)
+      (q,) = self.cross_attention.project(h, ("query",))
       ck, cv = (cache["cross_k"], cache["cross_v"]) if cache is not None else self.cross_attention.project_kv(encoded)
       # T5 cross-attention has no position bias.
       x = x + drop(peft.adapt(self, "cross_attention_adapter", self.cross_attention(
-          h, ck, cv, cross_mask, None, deterministic=deterministic, rngs=rngs)))
+          q, ck, cv, cross_mask, None, deterministic=deterministic, rngs=rngs)))
     x = x + drop(peft.adapt(self, "mlp_adapter", self.mlp(self.mlp_norm(x), deterministic=deterministic, rngs=rngs)))
     return x, cache
 
@@ -359,10 +398,13 @@ class T5(nnx.Module):
     return jnp.take(self.embedding[...], tokens, axis=0).astype(self.config.compute_dtype)
 
   def _logits(self, x):
+    """float32 logits (accumulated in float32 whatever the compute dtype)."""
     if self.config.tie_word_embeddings:  # v1.0 rescales before the tied output projection
-      return jnp.einsum("bld,vd->blv", x * self.config.d_model**-0.5, self.embedding[...].astype(x.dtype),
-                        preferred_element_type=jnp.float32)
-    return jnp.einsum("bld,dv->blv", x, self.lm_head[...].astype(x.dtype), preferred_element_type=jnp.float32)
+      w = self.embedding[...].T
+      x = x * self.config.d_model**-0.5
+    else:
+      w = self.lm_head[...]
+    return _dense(x, w.astype(x.dtype), out_dtype=jnp.float32)
 
   def encode(self, tokens, segment_ids=None, *, deterministic=True, rngs=None):
     """Encoder output [B, L, D] (compute dtype). segment_ids default to (tokens != 0)."""

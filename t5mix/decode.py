@@ -96,7 +96,9 @@ def _decode_loop(model, inputs, max_decode_len, eos_id, choose):
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_decode_len", "eos_id"))
 def _greedy(graphdef, state, inputs, *, max_decode_len, eos_id):
   model = nnx.merge(graphdef, state)
-  return _decode_loop(model, inputs, max_decode_len, eos_id, lambda step, logits: jnp.argmax(logits, axis=-1))
+  # top_k(…, 1) instead of argmax: the same first-maximum token, ~3x faster on XLA:CPU (a plain
+  # reduction rather than argmax's two-operand one), which is ~10% of a small model's decode step.
+  return _decode_loop(model, inputs, max_decode_len, eos_id, lambda step, logits: jax.lax.top_k(logits, 1)[1][:, 0])
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_decode_len", "top_k", "eos_id"))

@@ -213,7 +213,9 @@ def _fill(template: str, values: Mapping[str, Any], where: str) -> str:
 
 
 def _template_values(spec: TaskSpec, record: Mapping[str, Any], where: str) -> dict[str, Any]:
-  values = dict(record)
+  # A list of strings (CoNLL/TFDS tokens) reads as the words joined by spaces, not as a Python list.
+  values = {k: " ".join(v) if isinstance(v, list) and all(isinstance(t, str) for t in v) else v
+            for k, v in record.items()}
   values["name"] = spec.name
   for placeholder, column in spec.fields.items():
     if column not in record:

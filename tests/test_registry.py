@@ -157,6 +157,12 @@ def test_ner_default_template_is_task_name(spec, unique_name):
   assert direct(s)[1] == (f"{name}: Peter Blackburn", "PER: Peter Blackburn")
 
 
+def test_text_task_over_conll_tokens(spec):
+  """A text (span-corruption) task can read another format: a token list reads as words, not a list."""
+  s = spec(kind="text", format="conll", splits={"train": "ner_iob2.conll"}, template="{tokens}")
+  assert [target for _, target in direct(s)] == [inputs[len("ner: "):] for inputs, _, _ in NER_GOLD]
+
+
 def test_ner_jsonl_tokens_and_tags(spec, tmp_path):
   path = tmp_path / "ner.jsonl"
   path.write_text(json.dumps({"words": ["Ada", "Lovelace", "visited", "Paris"],

@@ -9,7 +9,10 @@ parameters as one that is not.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
+import logging
 import os
 import signal
 import time
@@ -148,6 +151,9 @@ class DataIteratorHandler(ocp.CheckpointHandler):
     prefix = os.path.join(str(directory), f"process_{jax.process_index()}")
     tf.train.Checkpoint(iterator=args.iterator).write(prefix)
     partitioning.write_data_layout(prefix, args.layout)  # which data shard this process read
+    if args.examples is not None and jax.process_index() == 0:  # global counts: one file
+      with open(os.path.join(str(directory), EXAMPLES_FILE), "w") as f:
+        json.dump(args.examples, f)
 
   def restore(self, directory, args: "DataIteratorRestore"):
     tf.train.Checkpoint(iterator=args.iterator).read(
@@ -160,6 +166,7 @@ class DataIteratorHandler(ocp.CheckpointHandler):
 class DataIteratorSave(ocp.args.CheckpointArgs):
   iterator: Any
   layout: dict | None = None
+  examples: dict | None = None  # {task: examples trained on so far}, for the run's report
 
 
 @ocp.args.register_with_handler(DataIteratorHandler, for_restore=True)
@@ -168,10 +175,16 @@ class DataIteratorRestore(ocp.args.CheckpointArgs):
   iterator: Any
 
 
-def checkpoint_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
+EXAMPLES_FILE = "examples.json"  # in a checkpoint's data/ item
+
+
+def checkpoint_manager(workdir: str, keep: int, *, cleanup: bool = False) -> ocp.CheckpointManager:
+  """The train run's checkpoints; `cleanup` removes partial writes (`<step>.orbax-checkpoint-tmp`)
+  that a killed run left behind: orbax never reads them, and they can be as large as a checkpoint."""
   return ocp.CheckpointManager(
       os.path.join(os.path.abspath(workdir), "checkpoints"),
-      options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+      options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                           cleanup_tmp_directories=cleanup),
       item_names=("state", "data"))
 
 
@@ -199,6 +212,99 @@ def restore_params(path: str, abstract_params):
     raise UserError(f"--init-from {path}: cannot restore parameters "
                     f"({str(e).splitlines()[0][:200]})") from None
   return restored["params"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Resuming: the newest checkpoint that reads back whole; a damaged one is moved aside, unchanged.
+#
+# A checkpoint that orbax finished writing can still be damaged later (a truncated copy, a
+# deleted file, a disk error). Those are skipped, newest first, with a warning naming each, and
+# moved to `unreadable_checkpoints/` (never deleted or modified: they may be all there is of a
+# long run), so that the run does not meet their step numbers again when it saves, and orbax's
+# max_to_keep neither counts nor deletes them. A checkpoint whose saved tree differs from this
+# config's (another model or optimizer) is different: that is a config mistake, and an error.
+
+UNREADABLE_DIR = "unreadable_checkpoints"  # in the workdir, beside checkpoints/
+
+
+class _Unreadable(Exception):
+  """A checkpoint that cannot be read back whole (missing or truncated files)."""
+
+
+def _first_line(e: BaseException, limit: int = 160) -> str:
+  text = str(e).strip().split(" See full TensorStore details")[0]  # then a page of JSON spec
+  line = text.splitlines()[0] if text else type(e).__name__
+  return line if len(line) <= limit else line[:limit - 1] + "…"
+
+
+def _tree_shapes(tree) -> dict[str, tuple]:
+  """{dotted path: (shape, dtype)} of a state pytree, or of orbax's metadata tree of one."""
+  def name(k):
+    for attr in ("key", "idx", "name"):  # DictKey / FlattenedIndexKey, SequenceKey, GetAttrKey
+      if hasattr(k, attr):
+        return str(getattr(k, attr))
+    return str(k)
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {".".join(name(k) for k in path): (tuple(leaf.shape), str(np.dtype(leaf.dtype)))
+          for path, leaf in leaves if hasattr(leaf, "shape")}
+
+
+def check_matches_config(step_dir: str, state) -> None:
+  """UserError if the checkpoint in `step_dir` holds another model's or optimizer's state than
+  `state`; _Unreadable if its tree metadata cannot be read. Reads no arrays."""
+  try:
+    saved = _tree_shapes(
+        ocp.StandardCheckpointer().metadata(os.path.join(step_dir, "state")).item_metadata)
+  except Exception as e:  # noqa: BLE001 - orbax raises many kinds on damaged files
+    raise _Unreadable(f"state metadata: {type(e).__name__}: {_first_line(e)}") from None
+  if not saved:
+    raise _Unreadable("no tree metadata in state/: missing or damaged files")
+  expected = _tree_shapes(state)
+  if saved == expected:
+    return
+  # The first difference, parameters before optimizer state: the likelier config mistake.
+  diffs = sorted((k for k in set(saved) | set(expected) if saved.get(k) != expected.get(k)),
+                 key=lambda k: (not k.startswith("params."), k))
+  key = diffs[0]
+  if key not in saved:
+    what = f"it has no {key}"
+  elif key not in expected:
+    what = f"it has {key}, which this config does not"
+  else:
+    what = (f"{key} is {saved[key][0]} {saved[key][1]} there, "
+            f"{expected[key][0]} {expected[key][1]} here")
+  what += f" (and {len(diffs) - 1} more differences)" if len(diffs) > 1 else ""
+  raise UserError(f"{step_dir}: does not match this config (different model or optimizer?): "
+                  f"{what}; use a new --workdir or --init-from to start from its parameters")
+
+
+def read_examples(step_dir: str) -> dict[str, int]:
+  """The per-task example counts saved with a checkpoint ({} for checkpoints without them)."""
+  try:
+    with open(os.path.join(step_dir, "data", EXAMPLES_FILE)) as f:
+      return {str(k): int(v) for k, v in json.load(f).items()}
+  except (OSError, ValueError, AttributeError):
+    return {}
+
+
+def _move_aside(workdir: str, steps: list[int]) -> dict[int, str]:
+  """Renames checkpoints/<step> to unreadable_checkpoints/<step>[-n] (primary process only)."""
+  root = os.path.abspath(workdir)
+  moved = {}
+  for step in steps:
+    dest = os.path.join(root, UNREADABLE_DIR, str(step))
+    n = 1
+    while os.path.exists(dest):
+      n += 1
+      dest = os.path.join(root, UNREADABLE_DIR, f"{step}-{n}")
+    if distributed.is_primary():
+      os.makedirs(os.path.dirname(dest), exist_ok=True)
+      os.rename(os.path.join(root, "checkpoints", str(step)), dest)
+    moved[step] = dest
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("t5mix: unreadable checkpoints moved aside")
+  return moved
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,8 +356,9 @@ def train(c: config_lib.TrainConfig, workdir: str, *, init_from: str | None = No
     os.makedirs(workdir, exist_ok=True)
   except OSError as e:
     raise UserError(f"{workdir}: cannot use as workdir ({e.strerror})") from None
-  if not os.access(workdir, os.W_OK):
-    raise UserError(f"{workdir}: workdir is not writable")
+  for path in (workdir, *(os.path.join(workdir, d) for d in ("checkpoints", "tensorboard"))):
+    if os.path.exists(path) and not os.access(path, os.W_OK):  # found out now, not at the first save
+      raise UserError(f"{path}: {'workdir' if path == workdir else 'directory'} is not writable")
   model_config = build_model(c)
   tasks = input_pipeline.leaf_tasks(c.data.mixture)
   vocab = tasks[0].output_features["targets"].vocabulary
@@ -262,10 +369,7 @@ def train(c: config_lib.TrainConfig, workdir: str, *, init_from: str | None = No
   elif vocab.vocab_size > model_config.vocab_size:
     raise UserError(f"config key 'model_overrides.vocab_size' ({model_config.vocab_size}) is "
                     f"smaller than the vocabulary ({vocab.vocab_size})")
-  if distributed.is_primary():  # one process writes files and reports for all
-    config_lib.save(c, os.path.join(workdir, "config.yaml"))
-    save_model_config(model_config, os.path.join(workdir, "model.yaml"))
-  else:
+  if not distributed.is_primary():  # one process writes files and reports for all
     log, quiet = (lambda *a, **k: None), True
 
   mesh = partitioning.make_mesh(c.mesh)  # see partitioning.py: data x fsdp x model
@@ -290,34 +394,74 @@ def train(c: config_lib.TrainConfig, workdir: str, *, init_from: str | None = No
     log(f"initialised parameters from {init_from}")
   state = jax.jit(new_state, out_shardings=state_shardings, donate_argnums=0)(params)
 
-  manager = checkpoint_manager(workdir, c.keep_checkpoints)
-  start = manager.latest_step()
-  # The data position restores only where this process reads the same shard as when it saved.
-  same_data = start is None or partitioning.same_data_layout(
-      os.path.join(os.path.abspath(workdir), "checkpoints", str(start), "data"), data_layout)
+  ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
+  partial = sorted(n for n in (os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else [])
+                   if ".orbax-checkpoint-tmp" in n)
+  if partial:
+    log(f"removing {', '.join(partial)} in {ckpt_dir}: checkpoint writes that did not finish "
+        "(the run was killed or the disk was full while saving)")
+  manager = checkpoint_manager(workdir, c.keep_checkpoints, cleanup=True)
+  absl_logger = logging.getLogger("absl")
+  if not any(isinstance(f, _OrbaxThreadErrors) for f in absl_logger.filters):
+    absl_logger.addFilter(_OrbaxThreadErrors())
 
   lengths = {"inputs": c.data.inputs_length, "targets": c.data.targets_length}
-  dataset = input_pipeline.get_dataset(
-      c.data.mixture, "train", lengths, seed=c.seed if same_data else c.seed + start,
-      shuffle=c.data.shuffle, pack=c.data.pack, architecture=model_config.architecture,
-      shard_info=partitioning.shard_info(data_layout))
-  dataset = dataset.batch(data_layout["batch"], drop_remainder=True).prefetch(2)
-  data_iter = iter(dataset)
 
-  if start is not None:
-    items = {"state": ocp.args.StandardRestore(state)}  # onto this mesh's shardings
-    if same_data:
-      items["data"] = DataIteratorRestore(data_iter)
+  def data_iterator(seed):
+    dataset = input_pipeline.get_dataset(
+        c.data.mixture, "train", lengths, seed=seed, shuffle=c.data.shuffle, pack=c.data.pack,
+        architecture=model_config.architecture, shard_info=partitioning.shard_info(data_layout))
+    return iter(dataset.batch(data_layout["batch"], drop_remainder=True).prefetch(2))
+
+  # Resume from the newest checkpoint that reads back whole (see "Resuming" above).
+  start, unreadable, examples, data_iter, same_data = None, {}, {}, None, True
+  steps = sorted(manager.all_steps(), reverse=True)
+  if steps:
+    from t5mix.evaluate import _ignore_closed_event_loop_errors
+    _ignore_closed_event_loop_errors()  # tensorstore's late callbacks after a failed read
+  for step in steps:
+    step_dir = os.path.join(ckpt_dir, str(step))
     try:
-      restored = manager.restore(start, args=ocp.args.Composite(**items))
-    except (ValueError, KeyError) as e:
-      raise UserError(f"{workdir}/checkpoints/{start}: does not match this config (different "
-                      f"model or optimizer?): {str(e).splitlines()[0][:160]}; use a new --workdir "
-                      f"or --init-from to start from its parameters") from None
-    state = restored["state"]
+      check_matches_config(step_dir, state)  # another model/optimizer: UserError, no fallback
+      # The data position restores only where this process reads the same shard as when it saved.
+      data_dir = os.path.join(step_dir, "data")
+      prefix = os.path.join(data_dir, f"process_{jax.process_index()}")
+      if os.path.exists(prefix + ".json") and not os.path.exists(prefix + ".index"):
+        raise _Unreadable(f"data/{os.path.basename(prefix)}.index is missing")
+      same_data = partitioning.same_data_layout(data_dir, data_layout)
+      data_iter = data_iterator(c.seed if same_data else c.seed + step)
+      items = {"state": ocp.args.StandardRestore(state)}  # onto this mesh's shardings
+      if same_data:
+        items["data"] = DataIteratorRestore(data_iter)
+      try:
+        restored = manager.restore(step, args=ocp.args.Composite(**items))
+      except Exception as e:  # noqa: BLE001 - orbax/tensorstore/tf raise many kinds on damaged files
+        raise _Unreadable(f"{type(e).__name__}: {_first_line(e)}") from None
+    except _Unreadable as e:
+      unreadable[step] = str(e)
+      continue
+    state, start, examples = restored["state"], step, read_examples(step_dir)
+    break
+  if unreadable and start is None:
+    raise UserError(
+        f"{ckpt_dir}: no checkpoint can be read back ("
+        + "; ".join(f"{s}: {why}" for s, why in unreadable.items()) + "); not starting over "
+        "from step 0 on top of them: move them away or use a new --workdir")
+  if unreadable:  # moved aside, so that saving never meets their step numbers (see above)
+    moved = _move_aside(workdir, list(unreadable))
+    manager.reload()
+    for bad, why in unreadable.items():
+      log(f"warning: {ckpt_dir}/{bad} is unreadable ({why}); resuming from {ckpt_dir}/{start}; "
+          f"moved the unreadable one, unchanged, to {moved[bad]}")
+  if data_iter is None:
+    data_iter = data_iterator(c.seed)
+  if start is not None:
     log(f"resumed from checkpoint at step {start}" + ("" if same_data else (
         f" (its data position is for another data sharding or batch size: the data stream "
         f"restarts with seed {c.seed + start})")))
+  if distributed.is_primary():  # only now: a run that cannot start leaves the workdir as it was
+    config_lib.save(c, os.path.join(workdir, "config.yaml"))
+    save_model_config(model_config, os.path.join(workdir, "model.yaml"))
   start = int(state.step)
 
   train_step = jax.jit(make_train_step(graphdef, optimizer, c, len(tasks)), donate_argnums=(0,),
@@ -330,7 +474,9 @@ def train(c: config_lib.TrainConfig, workdir: str, *, init_from: str | None = No
     from t5mix import evaluate
     evaluator = evaluate.DuringTraining(c, graphdef, writer, log)
   names = [t.name for t in tasks]
-  totals = {"task_examples": np.zeros(len(names) + 1)}
+  totals = {"task_examples": np.zeros(len(names) + 1)}  # since step 0, across resumptions
+  for i, n in enumerate(names):
+    totals["task_examples"][i + 1] = examples.get(n, 0)
   pending, history = [], []
   last = {"time": time.time(), "step": start}
   tokens_per_step = c.data.batch_size * (c.data.inputs_length + c.data.targets_length)
@@ -394,9 +540,11 @@ def train(c: config_lib.TrainConfig, workdir: str, *, init_from: str | None = No
 
   def save(step):
     flush(step)  # never checkpoint a state whose loss went non-finite
-    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                               data=DataIteratorSave(data_iter, data_layout)),
-                 force=True)
+    examples = {n: int(totals["task_examples"][i + 1]) for i, n in enumerate(names)}
+    with _checkpoint_errors(ckpt_dir, step):
+      manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), data=DataIteratorSave(data_iter, data_layout, examples)),
+                   force=True)
 
   step = start
   with _Stop() as stop:
@@ -421,20 +569,44 @@ def train(c: config_lib.TrainConfig, workdir: str, *, init_from: str | None = No
                                   step % c.log_every == 0 or step == c.steps):
         requested = stop.requested or "SIGTERM"
         save(step)
-        manager.wait_until_finished()
+        with _checkpoint_errors(ckpt_dir, step):
+          manager.wait_until_finished()
         log(f"{requested}: saved checkpoint at step {step} in {workdir}; rerun to resume")
         raise SystemExit(143 if requested == "SIGTERM" else 130)
-  manager.wait_until_finished()
+  with _checkpoint_errors(ckpt_dir, step):
+    manager.wait_until_finished()
   finetune.write_run_adapters(plan, workdir, state.params, model_config, step, log)  # adapters/LoRA
   writer.flush()
   final = history[-1] if history else {}
   summary = {"step": step, "loss": final.get("loss"),
-             "task_examples": final.get("task_examples", {}),
+             "task_examples": {n: int(totals["task_examples"][i + 1]) for i, n in enumerate(names)},
              "checkpoints": os.path.join(workdir, "checkpoints")}
   log(f"done: step {step}, loss {summary['loss']}; examples seen per task: "
       f"{summary['task_examples']}; checkpoints in {summary['checkpoints']}, TensorBoard logs in "
       f"{os.path.join(workdir, 'tensorboard')}")
   return summary
+
+
+@contextlib.contextmanager
+def _checkpoint_errors(ckpt_dir: str, step: int):
+  """A failed checkpoint write (disk full, permissions) as one line; orbax writes to a temporary
+  directory and renames it when complete, so the checkpoints before it stay whole."""
+  try:
+    yield
+  except Exception as e:  # noqa: BLE001 - orbax/tensorstore/tf raise many kinds
+    why = "No space left on device" if "No space left on device" in str(e) else (
+        getattr(e, "strerror", None) or f"{type(e).__name__}: {_first_line(e)}")
+    raise UserError(f"{ckpt_dir}: writing a checkpoint failed at step {step} ({why}); the "
+                    "complete checkpoints are kept: free space (or fix the cause) and rerun the "
+                    "same command to resume") from None
+
+
+class _OrbaxThreadErrors(logging.Filter):
+  """Drops orbax's log record (with a traceback) of a save that failed in a background thread:
+  the same error reaches the loop and is reported there, in one line (_checkpoint_errors)."""
+
+  def filter(self, record):
+    return "raised an exception" not in str(record.msg)
 
 
 def _round_up(n: int, multiple: int) -> int:

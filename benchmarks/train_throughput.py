@@ -1,6 +1,7 @@
 """Train-step throughput: t5mix vs HuggingFace T5 (PyTorch, and Flax where it still runs), same run.
 
     python benchmarks/train_throughput.py [--steps 12] [--batch 16] [--json out.json]
+    python benchmarks/train_throughput.py --preset gpu-base     # on a GPU: t5-base, bfloat16
 
 Every framework trains the same T5 shape on the same random batch with AdamW in float32; steps
 are interleaved (one step of each in turn) so that machine noise hits all alike, and each
@@ -38,6 +39,15 @@ from t5mix.train import TrainState, make_train_step  # noqa: E402
 SHAPE = dict(vocab_size=32128, d_model=256, d_kv=64, d_ff=1024, num_heads=4, num_encoder_layers=4,
              num_decoder_layers=4, dropout_rate=0.0, feed_forward_proj="gated-gelu",
              tie_word_embeddings=False)
+# --preset gpu-base: T5 v1.1 base (configs/model/base.yaml) in bfloat16, for a lent GPU; t5mix alone
+# (the peers here are CPU builds), MFU against a bfloat16 matmul peak measured in the same run.
+GPU_BASE = dict(vocab_size=32128, d_model=768, d_kv=64, d_ff=2048, num_heads=12, num_encoder_layers=12,
+                num_decoder_layers=12, dropout_rate=0.0, feed_forward_proj="gated-gelu",
+                tie_word_embeddings=False, dtype="bfloat16")
+PRESETS = {  # shape, batch, inputs length, targets length, matmul-peak dtype and size
+    "cpu": (SHAPE, 16, 128, 32, jnp.float32, 2048),
+    "gpu-base": (GPU_BASE, 64, 512, 128, jnp.bfloat16, 8192),
+}
 
 
 def model_flops_per_step(c: T5Config, batch: int, enc_len: int, dec_len: int) -> float:
@@ -54,8 +64,8 @@ def model_flops_per_step(c: T5Config, batch: int, enc_len: int, dec_len: int) ->
   return 3 * 2 * batch * (enc + dec + head)
 
 
-def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
-  a = jnp.ones((n, n), jnp.float32)
+def matmul_peak(n: int = 2048, repeats: int = 10, dtype=jnp.float32) -> float:
+  a = jnp.ones((n, n), dtype)
   f = jax.jit(lambda x, y: x @ y)
   f(a, a).block_until_ready()
   best = float("inf")
@@ -154,15 +164,23 @@ def hf_flax_runner(c: T5Config, enc, dec_in, tgt):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
+                      help="cpu: the default shape, float32, with the peers; gpu-base: t5-base bf16, t5mix alone")
   parser.add_argument("--steps", type=int, default=12, help="timed steps per framework (after 2 warm-up)")
-  parser.add_argument("--batch", type=int, default=16)
-  parser.add_argument("--inputs-length", type=int, default=128)
-  parser.add_argument("--targets-length", type=int, default=32)
+  parser.add_argument("--batch", type=int, help="default: the preset's (16; gpu-base 64)")
+  parser.add_argument("--inputs-length", type=int, help="default: the preset's (128; gpu-base 512)")
+  parser.add_argument("--targets-length", type=int, help="default: the preset's (32; gpu-base 128)")
   parser.add_argument("--json", help="write results here")
   parser.add_argument("--only", nargs="*", help="subset of: t5mix hf_torch hf_flax")
   args = parser.parse_args()
+  shape, batch, inputs_length, targets_length, peak_dtype, peak_n = PRESETS[args.preset]
+  args.batch = args.batch or batch
+  args.inputs_length = args.inputs_length or inputs_length
+  args.targets_length = args.targets_length or targets_length
+  if args.preset != "cpu":
+    args.only = ["t5mix"]
 
-  c = T5Config(**SHAPE)
+  c = T5Config(**shape)
   enc, dec_in, tgt = batch_arrays(args.batch, args.inputs_length, args.targets_length, c.vocab_size)
   runners = {}
   errors = {}
@@ -182,14 +200,14 @@ def main():
       t = time.perf_counter()
       step()
       times[name].append(time.perf_counter() - t)
-  peak = matmul_peak()
+  peak = matmul_peak(peak_n, dtype=peak_dtype)
   flops = model_flops_per_step(c, args.batch, args.inputs_length, args.targets_length)
   tokens = args.batch * (args.inputs_length + args.targets_length)
   results = {"machine": {"devices": str(jax.devices()), "cpu_count": os.cpu_count()},
-             "shape": SHAPE, "batch": args.batch, "inputs_length": args.inputs_length,
+             "preset": args.preset, "shape": shape, "batch": args.batch, "inputs_length": args.inputs_length,
              "targets_length": args.targets_length, "matmul_peak_flops": peak,
              "model_flops_per_step": flops, "frameworks": {}, "unavailable": errors}
-  print(f"matmul peak on this machine: {peak / 1e9:.1f} GFLOP/s; model FLOPs per step {flops / 1e9:.1f} G")
+  print(f"{jnp.dtype(peak_dtype).name} matmul peak on this machine: {peak / 1e9:.1f} GFLOP/s; model FLOPs per step {flops / 1e9:.1f} G")
   print(f"{'framework':<10} {'median s/step':>14} {'tokens/s':>10} {'MFU':>6}")
   for name, ts in times.items():
     median = statistics.median(ts)

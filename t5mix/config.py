@@ -29,6 +29,8 @@ class OptimizerConfig:
   b2: float = 0.999                # adamw
   clip_norm: float = 1.0           # global gradient-norm clipping; 0 disables
   grad_accum_steps: int = 1        # gradient accumulation (optax.MultiSteps)
+  skip_nonfinite: int = 0          # skip up to N updates in a row whose gradients are not finite
+                                   # (optax.apply_if_finite); 0 = stop at the first non-finite loss
 
 
 @dataclasses.dataclass

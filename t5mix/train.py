@@ -383,6 +383,8 @@ def train(c: config_lib.TrainConfig, workdir: str, *, init_from: str | None = No
   graphdef, params = nnx.split(nnx.eval_shape(new_model), nnx.Param)
   plan = finetune.make_plan(c, params)  # which parameters train, and when (finetune.py)
   optimizer = plan.make_optimizer()
+  if c.optimizer.skip_nonfinite:  # a non-finite update leaves params and optimizer state as they were
+    optimizer = optax.apply_if_finite(optimizer, c.optimizer.skip_nonfinite)
   new_state = lambda p: TrainState(jnp.zeros((), jnp.int32), p, optimizer.init(p))  # noqa: E731
   state_shardings = partitioning.tree_shardings(mesh, jax.eval_shape(new_state, params), params)
   # Created sharded (jit with out_shardings): the whole model never sits on one device.
@@ -478,6 +480,7 @@ def train(c: config_lib.TrainConfig, workdir: str, *, init_from: str | None = No
   for i, n in enumerate(names):
     totals["task_examples"][i + 1] = examples.get(n, 0)
   pending, history = [], []
+  nonfinite_in_a_row = [0]  # skipped updates since the last finite loss (optimizer.skip_nonfinite)
   last = {"time": time.time(), "step": start}
   tokens_per_step = c.data.batch_size * (c.data.inputs_length + c.data.targets_length)
   num_params = sum(x.size for x in jax.tree.leaves(params))
@@ -493,11 +496,20 @@ def train(c: config_lib.TrainConfig, workdir: str, *, init_from: str | None = No
     """Fetches pending step metrics (one host sync per log period), logs, checks for NaN."""
     fetched = jax.device_get(pending)
     for i, m in enumerate(fetched):
-      if not np.isfinite(m["loss"]):
-        bad = step - len(fetched) + i + 1
-        task_hint = ", ".join(n for n, t in zip(names, m["task_tokens"][1:]) if t > 0)
-        raise UserError(f"non-finite loss at step {bad} (batch had tasks: {task_hint}); "
+      if np.isfinite(m["loss"]):
+        nonfinite_in_a_row[0] = 0
+        continue
+      bad = step - len(fetched) + i + 1
+      task_hint = ", ".join(n for n, t in zip(names, m["task_tokens"][1:]) if t > 0)
+      nonfinite_in_a_row[0] += 1
+      if nonfinite_in_a_row[0] > c.optimizer.skip_nonfinite:
+        allowed = (f" ({nonfinite_in_a_row[0]} in a row, optimizer.skip_nonfinite="
+                   f"{c.optimizer.skip_nonfinite})" if c.optimizer.skip_nonfinite else "")
+        raise UserError(f"non-finite loss at step {bad}{allowed} (batch had tasks: {task_hint}); "
                         f"stopped; the last good checkpoint is kept in {workdir}/checkpoints")
+      log(f"warning: non-finite loss at step {bad} (batch had tasks: {task_hint}); update skipped "
+          f"({nonfinite_in_a_row[0]}/{c.optimizer.skip_nonfinite} in a row)")
+    fetched = [m for m in fetched if np.isfinite(m["loss"])]  # skipped steps: not in the averages
     pending.clear()
     if not fetched:
       return None
@@ -547,32 +559,37 @@ def train(c: config_lib.TrainConfig, workdir: str, *, init_from: str | None = No
                    force=True)
 
   step = start
-  with _Stop() as stop:
-    while step < c.steps:
-      try:
-        batch = next(data_iter)
-      except StopIteration:
-        raise UserError(f"mixture {c.data.mixture!r} ran out of training examples") from None
-      batch = partitioning.global_batch(batch_sharding, {k: v.numpy() for k, v in batch.items()},
-                                        c.data.batch_size)  # this process's rows -> global arrays
-      state, metrics = train_step(state, batch, base_key)
-      pending.append(metrics)
-      step += 1
-      if step % c.log_every == 0 or step == c.steps:
-        flush(step)
-      if step % c.checkpoint_every == 0 or step == c.steps:
-        save(step)
-      if c.eval_every and step % c.eval_every == 0:
-        evaluator(step, state.params)
-      # Several processes stop together, at the next log step after any of them got a signal.
-      if partitioning.stop_agreed(stop.requested is not None,
-                                  step % c.log_every == 0 or step == c.steps):
-        requested = stop.requested or "SIGTERM"
-        save(step)
-        with _checkpoint_errors(ckpt_dir, step):
-          manager.wait_until_finished()
-        log(f"{requested}: saved checkpoint at step {step} in {workdir}; rerun to resume")
-        raise SystemExit(143 if requested == "SIGTERM" else 130)
+  try:
+    with _Stop() as stop:
+      while step < c.steps:
+        try:
+          batch = next(data_iter)
+        except StopIteration:
+          raise UserError(f"mixture {c.data.mixture!r} ran out of training examples") from None
+        batch = partitioning.global_batch(batch_sharding, {k: v.numpy() for k, v in batch.items()},
+                                          c.data.batch_size)  # this process's rows -> global arrays
+        state, metrics = train_step(state, batch, base_key)
+        pending.append(metrics)
+        step += 1
+        if step % c.log_every == 0 or step == c.steps:
+          flush(step)
+        if step % c.checkpoint_every == 0 or step == c.steps:
+          save(step)
+        if c.eval_every and step % c.eval_every == 0:
+          evaluator(step, state.params)
+        # Several processes stop together, at the next log step after any of them got a signal.
+        if partitioning.stop_agreed(stop.requested is not None,
+                                    step % c.log_every == 0 or step == c.steps):
+          requested = stop.requested or "SIGTERM"
+          save(step)
+          with _checkpoint_errors(ckpt_dir, step):
+            manager.wait_until_finished()
+          log(f"{requested}: saved checkpoint at step {step} in {workdir}; rerun to resume")
+          raise SystemExit(143 if requested == "SIGTERM" else 130)
+  except UserError:  # a stop (non-finite loss, data ran out): first finish a save in flight
+    with contextlib.suppress(Exception):
+      manager.wait_until_finished()
+    raise
   with _checkpoint_errors(ckpt_dir, step):
     manager.wait_until_finished()
   finetune.write_run_adapters(plan, workdir, state.params, model_config, step, log)  # adapters/LoRA

@@ -26,3 +26,37 @@ def test_decode_benchmark_runs(tmp_path):
   if "hf_torch" in results["frameworks"]:  # same weights, float32: greedy outputs should agree
     assert results["frameworks"]["hf_torch"]["tokens_per_s"] > 0
     assert 0.0 <= results["agreement"]["token_fraction"] <= 1.0
+
+
+SHARED = REPO.parent / "shared" / "data"
+REAL_DATA = REPO / "benchmarks" / "real_data"
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="needs ../shared/data")
+def test_real_data_task_files_load(cli, clean_registry):
+  """benchmarks/quality.py's task files read the shared data with the carved splits."""
+  rc, out, err = cli("tasks", "--tasks-dir", REAL_DATA / "tasks.yaml", "--module", REAL_DATA / "wikitext.py")
+  assert rc == 0, err
+  rows = {line.split()[0]: line for line in out.splitlines() if line.startswith("real_")}
+  assert "train=66,349 validation=1,000" in rows["real_sst2"]  # 67,349 rows, the last 1,000 held out
+  assert "train=2,240 validation=250" in rows["real_rte"]
+  assert "train=4,043 validation=918" in rows["real_squad"]  # 4,961 questions, split by article
+  assert "train=14,041 validation=3,250" in rows["real_conll"]
+  assert "train=error" not in out
+  for mixture in ("real_supervised", "real_supervised_equal", "real_supervised_proportional", "real_pretrain"):
+    assert mixture in rows
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="needs ../shared/data")
+def test_wikitext_cleaning(clean_registry):
+  spec = importlib.util.spec_from_file_location("wikitext_task", REAL_DATA / "wikitext.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)  # registers real_wikitext (removed by clean_registry)
+  assert module.clean("a &lt; unk &gt; b <unk> c") == "a <unk> b <unk> c"
+  assert module.clean('the 1 @,@ 000 pre @-@ war &quot;boats&quot; , he said .') == \
+      'the 1,000 pre-war "boats", he said.'
+  assert module.clean("it does n't ( really )") == "it doesn't (really)"
+  docs = list(module.documents(["= Title = First sentence .", "Second .", "", "= = Part = =", "Third ."]))
+  assert docs == ["Title. First sentence. Second.", "Part. Third."]
+  text = pathlib.Path(module.ensure()).read_text()
+  assert "&lt;" not in text and "@-@" not in text and "< unk >" not in text

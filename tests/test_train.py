@@ -90,6 +90,24 @@ def test_non_finite_loss_stops_with_step_and_keeps_checkpoint(tmp_path):
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(_params(tmp_path, step)))
 
 
+def test_skip_nonfinite_skips_updates_then_stops(tmp_path):
+  """optimizer.skip_nonfinite=N: up to N non-finite steps in a row are skipped (warned about, the
+  parameters untouched); one more stops the run like the default policy."""
+  adamw = ["optimizer.name=adamw", "optimizer.clip_norm=0", "optimizer.schedule=constant",
+           "optimizer.warmup_steps=0", "optimizer.skip_nonfinite=3"]
+  _run(tmp_path, "steps=5", "checkpoint_every=5", *adamw)
+  lines = []
+  # lr 1e30: step 6 sends the parameters to ~1e30, so every later loss is non-finite and skipped.
+  with pytest.raises(UserError, match=r"non-finite loss at step 10 \(4 in a row, optimizer.skip_nonfinite=3\)"):
+    train.train(_config("steps=40", "checkpoint_every=8", "optimizer.learning_rate=1e30", *adamw),
+                str(tmp_path), quiet=True, log=lines.append)
+  warnings = [line for line in lines if line.startswith("warning: non-finite loss")]
+  assert [w.split(" (")[0] for w in warnings] == [f"warning: non-finite loss at step {s}" for s in (7, 8, 9)]
+  assert "update skipped (3/3 in a row)" in warnings[-1]
+  # saved after the skipped steps 7 and 8: still step 6's finite parameters (an applied update would be NaN)
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(_params(tmp_path, 8)))
+
+
 def test_resuming_with_another_optimizer_is_a_clear_error(tmp_path):
   _run(tmp_path, "steps=2", "checkpoint_every=2")
   with pytest.raises(UserError, match="does not match this config"):

@@ -21,7 +21,6 @@ benchmarks/RESULTS.md (that section only; other sections are kept). Everything r
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import re

@@ -31,7 +31,7 @@ import seqio
 from flax import nnx
 
 from t5mix import config as config_lib
-from t5mix import decode, input_pipeline, metrics, registry
+from t5mix import decode, input_pipeline, metrics
 from t5mix.errors import UserError
 from t5mix.model import T5, T5Config, load_model_config
 

@@ -4,7 +4,6 @@ the distributed start-up's decisions. The runs on several devices are in test_di
 import dataclasses
 
 import jax
-import optax
 import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P

@@ -128,6 +128,8 @@ def make_train_step(graphdef, optimizer, c: config_lib.TrainConfig, num_tasks: i
     metrics = batch_metrics(batch, jax.lax.stop_gradient(losses), num_tasks)
     metrics["loss"] = loss
     metrics["grad_norm"] = optax.global_norm(grads)
+    if isinstance(opt_state, optax.ApplyIfFiniteState):  # optimizer.skip_nonfinite
+      metrics["nonfinite_in_a_row"] = opt_state.notfinite_count  # 0 = this update was applied
     return TrainState(state.step + 1, params, opt_state), metrics
 
   return train_step
@@ -480,7 +482,6 @@ def train(c: config_lib.TrainConfig, workdir: str, *, init_from: str | None = No
   for i, n in enumerate(names):
     totals["task_examples"][i + 1] = examples.get(n, 0)
   pending, history = [], []
-  nonfinite_in_a_row = [0]  # skipped updates since the last finite loss (optimizer.skip_nonfinite)
   last = {"time": time.time(), "step": start}
   tokens_per_step = c.data.batch_size * (c.data.inputs_length + c.data.targets_length)
   num_params = sum(x.size for x in jax.tree.leaves(params))
@@ -495,20 +496,21 @@ def train(c: config_lib.TrainConfig, workdir: str, *, init_from: str | None = No
   def flush(step):
     """Fetches pending step metrics (one host sync per log period), logs, checks for NaN."""
     fetched = jax.device_get(pending)
+    allowed = c.optimizer.skip_nonfinite
     for i, m in enumerate(fetched):
-      if np.isfinite(m["loss"]):
-        nonfinite_in_a_row[0] = 0
+      in_a_row = int(m.get("nonfinite_in_a_row", 0))  # optax.apply_if_finite's own count
+      if np.isfinite(m["loss"]) and not in_a_row:
         continue
       bad = step - len(fetched) + i + 1
       task_hint = ", ".join(n for n, t in zip(names, m["task_tokens"][1:]) if t > 0)
-      nonfinite_in_a_row[0] += 1
-      if nonfinite_in_a_row[0] > c.optimizer.skip_nonfinite:
-        allowed = (f" ({nonfinite_in_a_row[0]} in a row, optimizer.skip_nonfinite="
-                   f"{c.optimizer.skip_nonfinite})" if c.optimizer.skip_nonfinite else "")
-        raise UserError(f"non-finite loss at step {bad}{allowed} (batch had tasks: {task_hint}); "
-                        f"stopped; the last good checkpoint is kept in {workdir}/checkpoints")
-      log(f"warning: non-finite loss at step {bad} (batch had tasks: {task_hint}); update skipped "
-          f"({nonfinite_in_a_row[0]}/{c.optimizer.skip_nonfinite} in a row)")
+      if 0 < in_a_row <= allowed:
+        log(f"warning: non-finite gradients at step {bad} (batch had tasks: {task_hint}); update "
+            f"skipped ({in_a_row}/{allowed} in a row)")
+        continue
+      what = f"gradients at step {bad} ({in_a_row} in a row, optimizer.skip_nonfinite={allowed})" \
+          if in_a_row else f"loss at step {bad}"
+      raise UserError(f"non-finite {what} (batch had tasks: {task_hint}); "
+                      f"stopped; the last good checkpoint is kept in {workdir}/checkpoints")
     fetched = [m for m in fetched if np.isfinite(m["loss"])]  # skipped steps: not in the averages
     pending.clear()
     if not fetched:

@@ -98,11 +98,11 @@ def test_skip_nonfinite_skips_updates_then_stops(tmp_path):
   _run(tmp_path, "steps=5", "checkpoint_every=5", *adamw)
   lines = []
   # lr 1e30: step 6 sends the parameters to ~1e30, so every later loss is non-finite and skipped.
-  with pytest.raises(UserError, match=r"non-finite loss at step 10 \(4 in a row, optimizer.skip_nonfinite=3\)"):
+  with pytest.raises(UserError, match=r"non-finite gradients at step 10 \(4 in a row, optimizer.skip_nonfinite=3\)"):
     train.train(_config("steps=40", "checkpoint_every=8", "optimizer.learning_rate=1e30", *adamw),
                 str(tmp_path), quiet=True, log=lines.append)
-  warnings = [line for line in lines if line.startswith("warning: non-finite loss")]
-  assert [w.split(" (")[0] for w in warnings] == [f"warning: non-finite loss at step {s}" for s in (7, 8, 9)]
+  warnings = [line for line in lines if line.startswith("warning: non-finite")]
+  assert [w.split(" (")[0] for w in warnings] == [f"warning: non-finite gradients at step {s}" for s in (7, 8, 9)]
   assert "update skipped (3/3 in a row)" in warnings[-1]
   # saved after the skipped steps 7 and 8: still step 6's finite parameters (an applied update would be NaN)
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(_params(tmp_path, 8)))

@@ -1,10 +1,12 @@
 """The train step with each CPU optimisation of t5mix/model.py undone, at train_throughput's shape.
 
-    python benchmarks/ablate_train_step.py [--steps 8]
+    python benchmarks/ablate_train_step.py [--steps 20]
 
 Variants: as shipped; the position-bias gradient left to autodiff (no `_add_position_bias` VJP);
-projections as N-D `tensordot`s instead of `_dense`'s flattened 2-D matmuls; both undone.
-Median seconds per step after 2 warm-up steps, each variant built and timed in turn.
+projections as N-D `tensordot`s instead of `_dense`'s flattened 2-D matmuls.
+Each variant is traced and compiled with its functions patched in (2 warm-up steps), then the
+variants are timed interleaved, one step of each in turn, so that a slow spell on a shared machine
+hits them all alike; median seconds per step.
 """
 
 import argparse
@@ -26,26 +28,28 @@ def tensordot_dense(x, w, in_dims=1, out_dtype=None):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--steps", type=int, default=8)
+  parser.add_argument("--steps", type=int, default=20)
   args = parser.parse_args()
   c = model_lib.T5Config(**tt.SHAPE)
   enc, dec_in, tgt = tt.batch_arrays(16, 128, 32, c.vocab_size)
-  dense, bias = model_lib._dense, model_lib._add_position_bias
+  shipped = (model_lib._dense, model_lib._add_position_bias)
   plain_bias = lambda logits, b: logits + b  # noqa: E731
-  variants = {"as shipped": (dense, bias), "autodiff bias gradient": (dense, plain_bias),
-              "N-D tensordot projections": (tensordot_dense, bias),
-              "both undone": (tensordot_dense, plain_bias)}
+  variants = {"as shipped": shipped, "autodiff bias gradient": (shipped[0], plain_bias),
+              "N-D tensordot projections": (tensordot_dense, shipped[1])}
+  steps = {}
   for name, (model_lib._dense, model_lib._add_position_bias) in variants.items():
-    step = tt.t5mix_runner(c, enc, dec_in, tgt)
-    step()
-    step()
-    times = []
-    for _ in range(args.steps):
+    steps[name] = tt.t5mix_runner(c, enc, dec_in, tgt)
+    steps[name]()  # traced (with this variant's functions) and compiled here
+    steps[name]()
+  model_lib._dense, model_lib._add_position_bias = shipped
+  times = {name: [] for name in steps}
+  for _ in range(args.steps):
+    for name, step in steps.items():
       t = time.perf_counter()
       step()
-      times.append(time.perf_counter() - t)
-    print(f"{name:<28} {statistics.median(times):.3f} s/step", flush=True)
-
+      times[name].append(time.perf_counter() - t)
+  for name, ts in times.items():
+    print(f"{name:<28} {statistics.median(ts):.3f} s/step", flush=True)
 
 if __name__ == "__main__":
   main()

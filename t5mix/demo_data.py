@@ -85,7 +85,7 @@ def _qa_article(rng: random.Random, title: str, num_questions: int) -> dict:
     p = _person(rng)
     if all(p["name"] != q["name"] for q in people):
       people.append(p)
-  sentences, facts = [], []
+  sentences = []
   for p in people:
     for key, statement, question in rng.sample(FACTS, 3):
       sentences.append((statement.format(**p), key, p))

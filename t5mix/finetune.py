@@ -201,6 +201,13 @@ class Plan:
       return None
     return f"fine-tuning ({self.strategy}): training {count(self.trainable_count())}"
 
+  def never_trained(self, params):
+    """A pytree like params: True where the parameter never trains (no stage), else False.
+
+    The train step stops gradients at these parameters, so autodiff never builds their weight
+    gradients: for adapters and LoRA that is most of the backward pass's weight matmuls."""
+    return _map_paths(lambda p: self.stage_of[p] is None, params)
+
   # --- the optimizer ---
 
   def make_optimizer(self) -> optax.GradientTransformation:

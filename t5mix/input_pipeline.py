@@ -61,9 +61,12 @@ def get_dataset(name: str, split: str, feature_lengths: Mapping[str, int], *, se
   if len(datasets) == 1:
     ds = datasets[0]
   else:
+    # Each data shard (process) draws its own task sequence: with one seed for all, every shard
+    # would pick the same task at the same position, and a global batch would hold k copies of
+    # one shard's task mix instead of k independent draws.
+    sample_seed = (seed if seed is not None else 0) + (shard_info.index if shard_info else 0)
     ds = tf.data.Dataset.sample_from_datasets(
-        datasets, weights=weights, seed=seed if seed is not None else 0,
-        stop_on_empty_dataset=num_epochs is None)
+        datasets, weights=weights, seed=sample_seed, stop_on_empty_dataset=num_epochs is None)
   task_lengths = {**lengths, TASK_IDS: _task_ids_length(lengths, architecture)}
   return feature_converter(architecture, pack)(ds, task_lengths)
 

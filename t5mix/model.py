@@ -217,15 +217,19 @@ class Attention(nnx.Module):
     """Keys and values [B, L, heads, kv]; separate from the queries so that decoding can cache them."""
     return self.project(x, ("key", "value"))
 
-  def __call__(self, q, k, v, mask, bias, *, deterministic, rngs):
-    """Queries q [B, Lq, H, K] attend to k, v [B, Lk, H, K]; mask bool and bias float32 broadcast to
-    [B, H, Lq, Lk]. Returns [B, Lq, D]."""
-    logits = jnp.einsum("bqhk,bshk->bhqs", q, k, preferred_element_type=jnp.float32)
+  def __call__(self, q, k, v, mask, bias, *, deterministic, rngs, heads_first=False):
+    """Queries q [B, Lq, H, K] attend to k, v [B, Lk, H, K] ([B, H, Lk, K] if heads_first); mask bool
+    and bias float32 broadcast to [B, H, Lq, Lk]. Returns [B, Lq, D].
+
+    The decoding cache keeps keys and values heads-first, the layout the batched matmuls read, so
+    each step does not transpose the whole cache again."""
+    kv = "bhsk" if heads_first else "bshk"
+    logits = jnp.einsum(f"bqhk,{kv}->bhqs", q, k, preferred_element_type=jnp.float32)
     if bias is not None:
       logits = _add_position_bias(logits, bias)
     probs = jax.nn.softmax(jnp.where(mask, logits, NEG_INF), axis=-1)
     probs = _dropout(probs, self.dropout_rate, deterministic, rngs).astype(self.dtype)
-    ctx = jnp.einsum("bhqs,bshk->bqhk", probs, v)
+    ctx = jnp.einsum(f"bhqs,{kv}->bqhk", probs, v)
     return _dense(ctx, peft.weight(self, "out", self.dtype), in_dims=2)
 
 
@@ -273,19 +277,20 @@ class Block(nnx.Module):
     drop = lambda y: _dropout(y, self.dropout_rate, deterministic, rngs)
     h = self.self_attention_norm(x)
     q, k, v = self.self_attention.project(h, ("query", "key", "value"))
-    if cache is not None:
-      k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k, index, axis=1)
-      v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v, index, axis=1)
+    cached = cache is not None
+    if cached:  # the cache is heads-first: [B, H, max_length, K]
+      k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.transpose(0, 2, 1, 3), index, axis=2)
+      v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.transpose(0, 2, 1, 3), index, axis=2)
       cache = {**cache, "k": k, "v": v}
-    x = x + drop(peft.adapt(self, "self_attention_adapter",
-                            self.self_attention(q, k, v, mask, bias, deterministic=deterministic, rngs=rngs)))
+    x = x + drop(peft.adapt(self, "self_attention_adapter", self.self_attention(
+        q, k, v, mask, bias, deterministic=deterministic, rngs=rngs, heads_first=cached)))
     if self.cross_attention is not None:
       h = self.cross_attention_norm(x)
       (q,) = self.cross_attention.project(h, ("query",))
-      ck, cv = (cache["cross_k"], cache["cross_v"]) if cache is not None else self.cross_attention.project_kv(encoded)
+      ck, cv = (cache["cross_k"], cache["cross_v"]) if cached else self.cross_attention.project_kv(encoded)
       # T5 cross-attention has no position bias.
       x = x + drop(peft.adapt(self, "cross_attention_adapter", self.cross_attention(
-          q, ck, cv, cross_mask, None, deterministic=deterministic, rngs=rngs)))
+          q, ck, cv, cross_mask, None, deterministic=deterministic, rngs=rngs, heads_first=cached)))
     x = x + drop(peft.adapt(self, "mlp_adapter", self.mlp(self.mlp_norm(x), deterministic=deterministic, rngs=rngs)))
     return x, cache
 
@@ -460,12 +465,13 @@ class T5(nnx.Module):
     are computed here once.
     """
     c = self.config
-    zeros = jnp.zeros((batch_size, max_length, c.num_heads, c.d_kv), c.compute_dtype)
+    zeros = jnp.zeros((batch_size, c.num_heads, max_length, c.d_kv), c.compute_dtype)  # heads-first
     layers = []
     for layer in self.decoder.layers:
       entry = {"k": zeros, "v": zeros}
       if layer.cross_attention is not None:
-        entry["cross_k"], entry["cross_v"] = layer.cross_attention.project_kv(encoded)
+        ck, cv = layer.cross_attention.project_kv(encoded)
+        entry["cross_k"], entry["cross_v"] = ck.transpose(0, 2, 1, 3), cv.transpose(0, 2, 1, 3)
       layers.append(entry)
     cache = {
         "index": jnp.zeros((batch_size,), jnp.int32),  # next position to write; equal across the batch

@@ -83,7 +83,8 @@ def token_losses(logits, targets, z_loss: float = 0.0, label_smoothing: float = 
 
 
 def batch_metrics(batch, losses, num_tasks: int):
-  """Sums for logging: loss and token count overall and per task, and examples per task."""
+  """Sums for logging: loss and token count overall and per task, examples per task, and the
+  non-padding tokens the step trained on (what tokens/s counts)."""
   weights = batch["decoder_loss_weights"].astype(jnp.float32)
   task_ids = batch[input_pipeline.TASK_IDS]
   one_hot = jax.nn.one_hot(task_ids, num_tasks + 1, dtype=jnp.float32)  # 0 = padding
@@ -91,7 +92,11 @@ def batch_metrics(batch, losses, num_tasks: int):
   if positions is None:
     positions = jnp.broadcast_to(jnp.arange(task_ids.shape[1]), task_ids.shape)
   starts = ((positions == 0) & (task_ids > 0)).astype(jnp.float32)  # one per example
+  real_tokens = jnp.sum(batch["decoder_target_tokens"] != 0)  # non-padding, inputs included
+  if "encoder_input_tokens" in batch:
+    real_tokens += jnp.sum(batch["encoder_input_tokens"] != 0)
   return {
+      "real_tokens": real_tokens.astype(jnp.float32),
       "loss_sum": jnp.sum(losses * weights),
       "tokens": jnp.sum(weights),
       "task_loss_sum": jnp.einsum("bl,blt->t", losses * weights, one_hot),
@@ -111,8 +116,12 @@ class TrainState:
   opt_state: Any
 
 
-def make_train_step(graphdef, optimizer, c: config_lib.TrainConfig, num_tasks: int):
+def make_train_step(graphdef, optimizer, c: config_lib.TrainConfig, num_tasks: int, frozen=None):
+  """frozen: optional pytree like the params, True where a parameter never trains (its gradient is
+  then a constant zero, not computed: finetune.Plan.never_trained)."""
   def loss_fn(params, batch, dropout_key):
+    if frozen is not None:
+      params = jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, frozen)
     model = nnx.merge(graphdef, params)
     logits = model(batch, deterministic=False, rngs=nnx.Rngs(dropout=dropout_key))
     losses = token_losses(logits, batch["decoder_target_tokens"], c.z_loss, c.label_smoothing)
@@ -468,7 +477,8 @@ def train(c: config_lib.TrainConfig, workdir: str, *, init_from: str | None = No
     save_model_config(model_config, os.path.join(workdir, "model.yaml"))
   start = int(state.step)
 
-  train_step = jax.jit(make_train_step(graphdef, optimizer, c, len(tasks)), donate_argnums=(0,),
+  frozen = plan.never_trained(params) if not plan.all_trainable_from_start else None
+  train_step = jax.jit(make_train_step(graphdef, optimizer, c, len(tasks), frozen), donate_argnums=(0,),
                        in_shardings=(state_shardings, batch_sharding, replicated),
                        out_shardings=(state_shardings, replicated))
   base_key = jax.jit(lambda: jax.random.key(c.seed), out_shardings=replicated)()
@@ -522,10 +532,13 @@ def train(c: config_lib.TrainConfig, workdir: str, *, init_from: str | None = No
     for m in fetched:
       totals["task_examples"] += m["task_examples"]
     now = time.time()
-    steps_per_s = (step - last["step"]) / max(now - last["time"], 1e-9)
+    elapsed = max(now - last["time"], 1e-9)
+    steps_per_s = (step - last["step"]) / elapsed
     last.update(time=now, step=step)
+    real_tokens = float(sum(m["real_tokens"] for m in fetched))
     record = {"step": step, "loss": float(loss_sum / max(tokens, 1)), "steps_per_s": steps_per_s,
-              "tokens_per_s": steps_per_s * tokens_per_step,
+              "tokens_per_s": real_tokens / elapsed,  # non-padding tokens
+              "fill": real_tokens / (len(fetched) * tokens_per_step),  # non-padding / row slots
               "grad_norm": float(fetched[-1]["grad_norm"]),
               "task_loss": {n: float(task_loss[i + 1] / task_tokens[i + 1])
                             for i, n in enumerate(names) if task_tokens[i + 1] > 0},
@@ -537,6 +550,7 @@ def train(c: config_lib.TrainConfig, workdir: str, *, init_from: str | None = No
     with writer.as_default(step=step):
       tf.summary.scalar("loss", record["loss"])
       tf.summary.scalar("steps_per_s", steps_per_s)
+      tf.summary.scalar("tokens_per_s", record["tokens_per_s"])
       tf.summary.scalar("grad_norm", record["grad_norm"])
       if stage is not None:
         tf.summary.scalar("finetune/stage", stage)
@@ -548,7 +562,7 @@ def train(c: config_lib.TrainConfig, workdir: str, *, init_from: str | None = No
       eta = (c.steps - step) / max(steps_per_s, 1e-9)
       per_task = " ".join(f"{n}={v:.2f}" for n, v in record["task_loss"].items())
       log(f"step {step:>6}/{c.steps}  loss {record['loss']:.4f}  {steps_per_s:.2f} steps/s  "
-          f"{record['tokens_per_s']:,.0f} tok/s  eta {_duration(eta)}  | {per_task}"
+          f"{record['tokens_per_s']:,.0f} tok/s ({record['fill']:.0%} non-padding)  eta {_duration(eta)}  | {per_task}"
           + (f"  | stage {stage}/{plan.num_stages}" if stage is not None else ""))
     return record
 
@@ -600,7 +614,8 @@ def train(c: config_lib.TrainConfig, workdir: str, *, init_from: str | None = No
   summary = {"step": step, "loss": final.get("loss"),
              "task_examples": {n: int(totals["task_examples"][i + 1]) for i, n in enumerate(names)},
              "checkpoints": os.path.join(workdir, "checkpoints")}
-  log(f"done: step {step}, loss {summary['loss']}; examples seen per task: "
+  ran = f"loss {summary['loss']}" if history else "no steps left to run"  # rerun of a finished run
+  log(f"done: step {step}, {ran}; examples seen per task: "
       f"{summary['task_examples']}; checkpoints in {summary['checkpoints']}, TensorBoard logs in "
       f"{os.path.join(workdir, 'tensorboard')}")
   return summary

@@ -28,6 +28,14 @@ def test_decode_benchmark_runs(tmp_path):
     assert 0.0 <= results["agreement"]["token_fraction"] <= 1.0
 
 
+def test_profile_train_step_runs():
+  proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "profile_train_step.py"), "--tiny",
+                         "--steps", "2", "--top", "3"], capture_output=True, text=True, cwd=REPO, timeout=300)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  assert "page faults per step" in proc.stdout and "thread(s) busy" in proc.stdout
+  assert "jit(train_step)" in proc.stdout  # the slowest ops, named with their jax operation
+
+
 SHARED = REPO.parent / "shared" / "data"
 REAL_DATA = REPO / "benchmarks" / "real_data"
 

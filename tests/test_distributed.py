@@ -40,40 +40,23 @@ def builtin_definitions():
   definitions.load()
 
 
-@pytest.fixture(scope="module")
-def compile_cache(tmp_path_factory):
-  """A persistent compilation cache for this module's runs, here and in subprocesses: each
-  run compiles the same few programs, and a repeated mesh compiles in a fraction of the time."""
-  from jax._src import compilation_cache
-  path = str(tmp_path_factory.mktemp("jax_cache"))
-  saved = (jax.config.jax_compilation_cache_dir,
-           jax.config.jax_persistent_cache_min_compile_time_secs)
-  jax.config.update("jax_compilation_cache_dir", path)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-  compilation_cache.reset_cache()
-  yield path
-  jax.config.update("jax_compilation_cache_dir", saved[0])
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", saved[1])
-  compilation_cache.reset_cache()
-
-
 def _run_here(workdir, *overrides):
   c = config_lib.load(None, TINY + list(overrides))
   return train.train(c, str(workdir), quiet=True, log=lambda *a: None)
 
 
-def _env(devices, cache=None):
+def _env(devices):
   env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1",
              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
   env.pop("JAX_COORDINATOR_ADDRESS", None)
-  if cache:
-    env.update(JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   return env
 
 
-def _python(script, devices, cache=None, timeout=400):
+def _python(script, devices, timeout=400):
+  """Runs script in a subprocess with `devices` CPU devices (it shares the suite's compilation
+  cache, tests/conftest.py, through the environment)."""
   proc = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], cwd=REPO,
-                        env=_env(devices, cache),
+                        env=_env(devices),
                         capture_output=True, text=True, timeout=timeout)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
   return proc.stdout
@@ -125,7 +108,7 @@ def _resume_copy(src, dst, drop_step):
 
 
 @pytest.fixture(scope="module")
-def mesh_runs(tmp_path_factory, compile_cache):
+def mesh_runs(tmp_path_factory):
   """One-device run here; 8x1, 4x2, 2x2x2 and a 4x2 resume of the one-device checkpoint in an
   8-device subprocess; then a one-device resume of the 4x2 checkpoint here."""
   root = tmp_path_factory.mktemp("meshes")
@@ -139,7 +122,7 @@ def mesh_runs(tmp_path_factory, compile_cache):
       for workdir, *overrides in {list(runs.values())!r}:
         c = config.load(None, {TINY!r} + overrides)
         train.train(c, workdir, quiet=True, log=lambda *a: None)
-      """, devices=8, cache=compile_cache)
+      """, devices=8)
   _resume_copy(root / "4x2", root / "4x2_to_1", drop_step=5)
   _run_here(root / "4x2_to_1")
   return root
@@ -205,7 +188,7 @@ PROCESS_SCRIPT = """
 
 
 @pytest.mark.slow
-def test_two_processes(tmp_path, compile_cache):
+def test_two_processes(tmp_path):
   workdir = tmp_path / "pair"
   port = _free_port()
   args = ["train", "--workdir", str(workdir), "--coordinator-address", f"127.0.0.1:{port}",

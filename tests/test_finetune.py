@@ -4,8 +4,6 @@ import dataclasses
 import glob
 import os
 import shutil
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -342,27 +340,53 @@ def test_recipes_load_and_name_their_commands():
 
 
 @pytest.mark.slow
-def test_recipes_run_end_to_end_from_the_cli(tmp_path):
+def test_recipes_run_end_to_end_from_the_cli(tmp_path, cli):
+  # In-process (`t5mix.cli.main`): the same commands as the console script, without paying a
+  # TensorFlow + JAX start-up per command (tests/test_cli.py covers the console script itself).
   small = ["--set", "model=tiny", "--set", "data.batch_size=4", "--set", "data.inputs_length=64",
            "--set", "data.targets_length=16", "--set", "log_every=2", "--set", "checkpoint_every=4"]
-  env = dict(os.environ, PYTHONUNBUFFERED="1")
 
-  def cli(*argv):
-    proc = subprocess.run([sys.executable, "-m", "t5mix.cli", *map(str, argv)], capture_output=True, text=True,
-                          env=env, cwd=ROOT, timeout=600)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc.stdout
+  def run(*argv):
+    rc, out, err = cli(*argv)
+    assert rc == 0, out + err
+    return out
 
   pretrain = tmp_path / "pretrain"
-  cli("train", "--config", "configs/pretrain_span_corruption.yaml", "--workdir", pretrain, "--set", "steps=4", *small)
+  run("train", "--config", os.path.join(ROOT, "configs", "pretrain_span_corruption.yaml"), "--workdir", pretrain, "--set", "steps=4", *small)
   for name in RECIPES:
     extra = ["--set", "finetune.steps_per_stage=2"] if "gradual" in name else []
-    out = cli("train", "--config", f"configs/{name}.yaml", "--workdir", tmp_path / name, "--init-from", pretrain,
+    out = run("train", "--config", os.path.join(ROOT, "configs", f"{name}.yaml"), "--workdir", tmp_path / name, "--init-from", pretrain,
               "--set", "steps=4", *small, *extra)
     assert "done: step 4" in out, out
   assert (tmp_path / "finetune_adapters" / "adapters.safetensors").exists()
   assert (tmp_path / "finetune_lora" / "adapters.safetensors").exists()
-  out = cli("adapters", "merge", "--base", pretrain, "--adapters", tmp_path / "finetune_lora" / "adapters.safetensors",
+  out = run("adapters", "merge", "--base", pretrain, "--adapters", tmp_path / "finetune_lora" / "adapters.safetensors",
             "--out", tmp_path / "merged")
   assert "wrote" in out
   assert glob.glob(str(tmp_path / "merged" / "checkpoints" / "0"))
+
+
+@pytest.mark.parametrize("strategy", ["adapters", "lora"])
+def test_frozen_parameters_get_no_gradient_computation(strategy):
+  """Never-trained parameters are stop_gradient'ed in the step: the same update, fewer FLOPs."""
+  c = config_lib.load(None, TINY + [f"finetune.strategy={strategy}"])
+  model_config = finetune.apply_to_model_config(c.finetune, tiny_config(vocab_size=128, d_model=64, d_ff=256))
+  graphdef, params = nnx.split(T5(model_config, rngs=nnx.Rngs(0)), nnx.Param)
+  plan = finetune.make_plan(c, params)
+  optimizer = plan.make_optimizer()
+  state = train.TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+  rng = np.random.default_rng(0)
+  tokens = lambda n: jnp.asarray(rng.integers(2, 128, (4, n)), jnp.int32)  # noqa: E731
+  batch = {"encoder_input_tokens": tokens(32), "decoder_input_tokens": tokens(8),
+           "decoder_target_tokens": tokens(8), "decoder_loss_weights": jnp.ones((4, 8)),
+           "task_ids": jnp.ones((4, 8), jnp.int32)}
+  key = jax.random.key(0)
+  results, flops = [], []
+  for frozen in (None, plan.never_trained(params)):
+    step = jax.jit(train.make_train_step(graphdef, optimizer, c, 1, frozen))
+    cost = step.lower(state, batch, key).compile().cost_analysis()
+    flops.append((cost[0] if isinstance(cost, list) else cost)["flops"])
+    results.append(step(state, batch, key)[0].params)
+  for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  assert flops[1] < 0.85 * flops[0], flops

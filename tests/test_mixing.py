@@ -158,6 +158,18 @@ def test_host_shards_do_not_overlap(tasks):
   assert len(a) + len(b) == SIZES["small"]
 
 
+def test_host_shards_draw_their_own_task_sequence(tasks):
+  mixture = _mixture([tasks["small"], tasks["medium"]], rate="equal")
+
+  def task_sequence(index):
+    ds = input_pipeline.get_dataset(mixture.name, "train", LENGTHS, seed=0, pack=False,
+                                    shard_info=seqio.ShardInfo(index, 2))
+    return [int(ex["task_ids"][0]) for ex in ds.take(200).as_numpy_iterator()]
+  a, b = task_sequence(0), task_sequence(1)
+  assert a != b  # one shared seed would give both shards the same sequence of tasks
+  assert 0.35 < a.count(1) / len(a) < 0.65 and 0.35 < b.count(1) / len(b) < 0.65
+
+
 def test_stream_position_restores_after_restart(tasks, tmp_path):
   mixture = _mixture([tasks["tiny"], tasks["medium"]], rate="temperature", temperature=2.0)
 

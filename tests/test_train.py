@@ -51,6 +51,18 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path):
     np.testing.assert_allclose(x, y, rtol=0, atol=1e-6)
 
 
+def test_rerunning_a_finished_run_does_nothing(tmp_path):
+  _run(tmp_path, "steps=4", "checkpoint_every=4")
+  before = _params(tmp_path, 4)
+  lines = []
+  summary = train.train(_config("steps=4", "checkpoint_every=4"), str(tmp_path), quiet=True, log=lines.append)
+  assert summary["step"] == 4 and summary["loss"] is None
+  assert any(line.startswith("done: step 4, no steps left to run;") for line in lines), lines
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4"]
+  for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(_params(tmp_path, 4))):
+    np.testing.assert_array_equal(x, y)
+
+
 def test_loss_goes_down_and_tasks_are_counted(tmp_path):
   lines = []
   summary = train.train(_config("steps=40", "log_every=10"), str(tmp_path), quiet=False,
@@ -62,6 +74,26 @@ def test_loss_goes_down_and_tasks_are_counted(tmp_path):
   assert set(counts) == {"demo_sentiment", "demo_qa", "demo_ner"}
   assert all(n > 0 for n in counts.values())
   assert os.listdir(tmp_path / "tensorboard")
+  # tokens/s counts only non-padding tokens: the fill share is a real fraction of the row slots.
+  fills = [float(line.split("tok/s (")[1].split("%")[0]) for line in lines if line.startswith("step")]
+  assert all(0 < f < 100 for f in fills), fills
+
+
+def test_batch_metrics_count_non_padding_tokens_and_examples():
+  # Two packed rows: row 0 holds two examples (task 1, then task 2), row 1 one example of task 1.
+  batch = {
+      "encoder_input_tokens": np.array([[5, 6, 1, 7, 1, 0], [8, 1, 0, 0, 0, 0]]),
+      "decoder_target_tokens": np.array([[3, 1, 4, 1], [9, 9, 1, 0]]),
+      "decoder_loss_weights": np.array([[1, 1, 1, 1], [1, 1, 1, 0]]),
+      "decoder_positions": np.array([[0, 1, 0, 1], [0, 1, 2, 0]]),
+      "task_ids": np.array([[1, 1, 2, 2], [1, 1, 1, 0]]),
+  }
+  losses = np.ones((2, 4), np.float32)
+  m = jax.device_get(train.batch_metrics(batch, losses, num_tasks=2))
+  assert m["real_tokens"] == 5 + 2 + 4 + 3  # non-zero input and target tokens, padding not counted
+  assert m["tokens"] == 7
+  np.testing.assert_array_equal(m["task_examples"], [0, 2, 1])
+  np.testing.assert_array_equal(m["task_tokens"], [0, 5, 2])
 
 
 def test_init_from_loads_parameters_only(tmp_path):

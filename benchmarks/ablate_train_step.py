@@ -13,7 +13,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import jax.numpy as jnp  # noqa: E402
@@ -42,12 +41,7 @@ def main():
     steps[name]()  # traced (with this variant's functions) and compiled here
     steps[name]()
   model_lib._dense, model_lib._add_position_bias = shipped
-  times = {name: [] for name in steps}
-  for _ in range(args.steps):
-    for name, step in steps.items():
-      t = time.perf_counter()
-      step()
-      times[name].append(time.perf_counter() - t)
+  times = tt.interleaved_times(steps, args.steps)
   for name, ts in times.items():
     print(f"{name:<28} {statistics.median(ts):.3f} s/step", flush=True)
 

@@ -39,7 +39,7 @@ from t5mix import decode  # noqa: E402
 from t5mix.hf_interop import save_hf_checkpoint  # noqa: E402
 from t5mix.model import T5, T5Config  # noqa: E402
 
-from train_throughput import SHAPE  # noqa: E402  (the same model as the train benchmark)
+from train_throughput import SHAPE, interleaved_times  # noqa: E402  (the same model as the train benchmark)
 # --tiny: for the smoke test (tests/test_benchmarks_smoke.py), not for numbers.
 TINY_SHAPE = dict(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_heads=4, num_encoder_layers=2,
                   num_decoder_layers=2, dropout_rate=0.0, feed_forward_proj="gated-gelu",
@@ -124,12 +124,7 @@ def main():
     except Exception as e:
       errors[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
       runners.pop(name)
-  times = {name: [] for name in runners}
-  for _ in range(args.repeats):
-    for name, run in runners.items():
-      t = time.perf_counter()
-      run()
-      times[name].append(time.perf_counter() - t)
+  times = interleaved_times(runners, args.repeats)
 
   tokens = args.batch * args.new_tokens
   results = {"machine": {"devices": str(jax.devices()), "cpu_count": os.cpu_count()},

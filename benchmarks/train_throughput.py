@@ -76,6 +76,19 @@ def matmul_peak(n: int = 2048, repeats: int = 10, dtype=jnp.float32) -> float:
   return 2 * n ** 3 / best
 
 
+def interleaved_times(runners: dict, rounds: int) -> dict[str, list[float]]:
+  """Calls each runner once per round, in turn, `rounds` times: {name: seconds of each call}.
+
+  Interleaving spreads a slow spell of a shared machine over every runner alike."""
+  times = {name: [] for name in runners}
+  for _ in range(rounds):
+    for name, run in runners.items():
+      t = time.perf_counter()
+      run()
+      times[name].append(time.perf_counter() - t)
+  return times
+
+
 def batch_arrays(batch: int, enc_len: int, dec_len: int, vocab: int):
   rng = np.random.default_rng(0)
   enc = rng.integers(2, vocab, (batch, enc_len)).astype(np.int32)
@@ -194,12 +207,7 @@ def main():
     except Exception as e:  # a peer that cannot run here is reported, not fatal
       errors[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
       runners.pop(name, None)
-  times = {name: [] for name in runners}
-  for _ in range(args.steps):
-    for name, step in runners.items():
-      t = time.perf_counter()
-      step()
-      times[name].append(time.perf_counter() - t)
+  times = interleaved_times(runners, args.steps)
   peak = matmul_peak(peak_n, dtype=peak_dtype)
   flops = model_flops_per_step(c, args.batch, args.inputs_length, args.targets_length)
   tokens = args.batch * (args.inputs_length + args.targets_length)

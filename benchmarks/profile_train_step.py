@@ -22,14 +22,9 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import optax  # noqa: E402
-from flax import nnx  # noqa: E402
 
 import train_throughput as tt  # noqa: E402  (sets the environment, puts t5mix on the path)
-from t5mix import config as config_lib  # noqa: E402
-from t5mix.model import T5, T5Config  # noqa: E402
-from t5mix.train import TrainState, make_train_step  # noqa: E402
+from t5mix.model import T5Config  # noqa: E402
 
 TINY_SHAPE = dict(tt.SHAPE, vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_encoder_layers=2,
                   num_decoder_layers=2)
@@ -69,16 +64,7 @@ def main():
   parser.add_argument("--tiny", action="store_true", help="a toy model (for the smoke test)")
   args = parser.parse_args()
   c = T5Config(**(TINY_SHAPE if args.tiny else tt.SHAPE))
-  enc, dec_in, tgt = tt.batch_arrays(16, 128, 32, c.vocab_size)
-  graphdef, params = nnx.split(T5(c, rngs=nnx.Rngs(0)), nnx.Param)
-  tc = config_lib.load(None, ["z_loss=0", "optimizer.name=adamw"])
-  optimizer = optax.adamw(1e-4)
-  state = TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
-  batch = jax.device_put({"encoder_input_tokens": enc, "decoder_input_tokens": dec_in,
-                          "decoder_target_tokens": tgt, "decoder_loss_weights": tgt * 0 + 1,
-                          "task_ids": tgt * 0 + 1})
-  key = jax.random.key(0)
-  step = jax.jit(make_train_step(graphdef, optimizer, tc, num_tasks=1), donate_argnums=(0,))
+  step, state, batch, key = tt.t5mix_step(c, *tt.batch_arrays(16, 128, 32, c.vocab_size))
   compiled = step.lower(state, batch, key).compile()
   names = op_names(compiled.as_text())
   memory = compiled.memory_analysis()

@@ -97,7 +97,8 @@ def batch_arrays(batch: int, enc_len: int, dec_len: int, vocab: int):
   return enc, dec_in, tgt
 
 
-def t5mix_runner(c: T5Config, enc, dec_in, tgt):
+def t5mix_step(c: T5Config, enc, dec_in, tgt):
+  """(jitted train step with the state donated, initial state, device batch, dropout key)."""
   model = T5(c, rngs=nnx.Rngs(0))
   graphdef, params = nnx.split(model, nnx.Param)
   tc = config_lib.load(None, ["z_loss=0", "optimizer.name=adamw", "optimizer.clip_norm=0",
@@ -107,9 +108,12 @@ def t5mix_runner(c: T5Config, enc, dec_in, tgt):
   state = TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
   batch = {"encoder_input_tokens": enc, "decoder_input_tokens": dec_in, "decoder_target_tokens": tgt,
            "decoder_loss_weights": np.ones_like(tgt), "task_ids": np.ones_like(tgt)}
-  batch = jax.device_put(batch)
   step_fn = jax.jit(make_train_step(graphdef, optimizer, tc, num_tasks=1), donate_argnums=(0,))
-  key = jax.random.key(0)
+  return step_fn, state, jax.device_put(batch), jax.random.key(0)
+
+
+def t5mix_runner(c: T5Config, enc, dec_in, tgt):
+  step_fn, state, batch, key = t5mix_step(c, enc, dec_in, tgt)
   box = [state]
 
   def step():

@@ -202,10 +202,13 @@ class Plan:
     return f"fine-tuning ({self.strategy}): training {count(self.trainable_count())}"
 
   def never_trained(self, params):
-    """A pytree like params: True where the parameter never trains (no stage), else False.
+    """A pytree like params: True where the parameter never trains (no stage), else False; None
+    if every parameter trains at some point.
 
     The train step stops gradients at these parameters, so autodiff never builds their weight
     gradients: for adapters and LoRA that is most of the backward pass's weight matmuls."""
+    if all(stage is not None for stage in self.stage_of.values()):
+      return None
     return _map_paths(lambda p: self.stage_of[p] is None, params)
 
   # --- the optimizer ---

@@ -477,8 +477,8 @@ def train(c: config_lib.TrainConfig, workdir: str, *, init_from: str | None = No
     save_model_config(model_config, os.path.join(workdir, "model.yaml"))
   start = int(state.step)
 
-  frozen = plan.never_trained(params) if not plan.all_trainable_from_start else None
-  train_step = jax.jit(make_train_step(graphdef, optimizer, c, len(tasks), frozen), donate_argnums=(0,),
+  train_step = jax.jit(make_train_step(graphdef, optimizer, c, len(tasks), plan.never_trained(params)),
+                       donate_argnums=(0,),
                        in_shardings=(state_shardings, batch_sharding, replicated),
                        out_shardings=(state_shardings, replicated))
   base_key = jax.jit(lambda: jax.random.key(c.seed), out_shardings=replicated)()

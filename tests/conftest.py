@@ -16,7 +16,8 @@ FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 # Most tests train or decode the same tiny models, in this process and in the CLI subprocesses they
 # start; compiling those programs is most of their time. JAX's persistent compilation cache (keyed
 # by the program, options and versions) lets every identical program after the first load instead
-# of compile: about half the suite's time. Set before JAX is imported; subprocesses inherit it.
+# of compile (tests/test_train.py: 231 s -> 127 s; the whole suite ~10% faster, as most programs
+# differ). Set before JAX is imported; subprocesses inherit it.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   _cache = tempfile.mkdtemp(prefix="t5mix-tests-jax-cache-")
   atexit.register(shutil.rmtree, _cache, ignore_errors=True)

@@ -27,6 +27,9 @@ class OptimizerConfig:
   weight_decay: float = 0.0
   b1: float = 0.9                  # adamw
   b2: float = 0.999                # adamw
+  parameter_scale: bool = False    # scale each update by its parameter's RMS (floor 1e-3), so the
+                                   # rate is relative to the weight: T5's Adafactor
+                                   # (multiply_by_parameter_scale), nanoT5's AdamWScale for adamw
   clip_norm: float = 1.0           # global gradient-norm clipping; 0 disables
   grad_accum_steps: int = 1        # gradient accumulation (optax.MultiSteps)
   skip_nonfinite: int = 0          # skip up to N updates in a row whose gradients are not finite

@@ -23,18 +23,19 @@ How freezing is done (all in the optimizer, so the train step is unchanged):
   `optax.set_to_zero()`: their update is exactly zero after the *whole* chain (clipping, Adafactor
   or AdamW with weight decay run only on the trainable group), so they stay bit-identical, and the
   optimizer keeps no state for them (nor a gradient accumulator with `grad_accum_steps`).
-- Gradual unfreezing is computed inside the jitted step from the optimizer's own step counter, so
-  stage changes never recompile: every stage is its own partition group whose optimizer
-  (Adafactor/AdamW, learning-rate schedule shifted to the global step) is wrapped in
-  `delayed(start)`, a `lax.cond` that returns zero updates and leaves the group's state untouched
-  until the stage starts. So a block's optimizer statistics start fresh when it unfreezes (Adam's
-  bias correction included), and the gradients of still-frozen blocks are zeroed before global-norm
-  clipping so that they do not shrink the update of the training ones. Every stage group that will
-  train has its optimizer state from the start (it needs it later); groups that never train have
-  none.
+- Gradual unfreezing is computed inside the optimizer from its own step counter: every stage is
+  its own partition group whose optimizer (Adafactor/AdamW, learning-rate schedule shifted to the
+  global step) is wrapped in `delayed(start)`, a `lax.cond` that returns zero updates and leaves
+  the group's state untouched until the stage starts. So a block's optimizer statistics start
+  fresh when it unfreezes (Adam's bias correction included), and the gradients of still-frozen
+  blocks are zeroed before global-norm clipping so that they do not shrink the update of the
+  training ones. Every stage group that will train has its optimizer state from the start (it
+  needs it later); groups that never train have none.
 
-Frozen parameters' gradients are still computed (XLA drops what it can: their only other use is
-the logged gradient norm).
+The train step also stops gradients at the parameters that do not train (`Plan.frozen_in`), so
+autodiff builds no weight gradient for them: adapters' and LoRA's base model always, gradual
+unfreezing's not-yet-unfrozen blocks in each stage (one compiled step per stage; the update is the
+same, only the wasted backward matmuls go).
 
 `--init-from` a base checkpoint without adapter/LoRA parameters restores the base parameters and
 keeps the fresh PEFT ones (`init_params`). The trained PEFT parameters (and whatever else trained,
@@ -196,20 +197,22 @@ class Plan:
     if self.strategy == "gradual_unfreezing":
       return (f"fine-tuning: gradual unfreezing in {self.num_stages} stages of {self.steps_per_stage} "
               f"steps; stage 1 trains {count(self.trainable_count(1))}, the last "
-              f"{count(self.trainable_count())} (recompiles: none, the stage is computed in the step)")
+              f"{count(self.trainable_count())} (one compiled train step per stage)")
     if self.strategy == "full" and self.all_trainable_from_start:
       return None
     return f"fine-tuning ({self.strategy}): training {count(self.trainable_count())}"
 
-  def never_trained(self, params):
-    """A pytree like params: True where the parameter never trains (no stage), else False; None
-    if every parameter trains at some point.
+  def frozen_in(self, params, stage: int | None = None):
+    """A pytree like params: True where the parameter does not train in `stage` (gradual
+    unfreezing's 1-based stage; None: the last), else False; None if every parameter trains then.
 
     The train step stops gradients at these parameters, so autodiff never builds their weight
     gradients: for adapters and LoRA that is most of the backward pass's weight matmuls."""
-    if all(stage is not None for stage in self.stage_of.values()):
+    stage = self.num_stages if stage is None else stage
+    frozen = lambda p: self.stage_of[p] is None or self.stage_of[p] > stage  # noqa: E731
+    if not any(frozen(p) for p in self.stage_of):
       return None
-    return _map_paths(lambda p: self.stage_of[p] is None, params)
+    return _map_paths(frozen, params)
 
   # --- the optimizer ---
 

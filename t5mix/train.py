@@ -51,8 +51,14 @@ def make_optimizer(c: config_lib.OptimizerConfig, total_steps: int,
   schedule = schedule or learning_rate_schedule(c, total_steps)
   if c.name == "adafactor":
     # T5's Adafactor: factored second moments, no first moment, update clipping at 1.0.
-    opt = optax.adafactor(schedule, multiply_by_parameter_scale=False, clipping_threshold=1.0,
-                          weight_decay_rate=c.weight_decay or None)
+    opt = optax.adafactor(schedule, multiply_by_parameter_scale=c.parameter_scale,
+                          clipping_threshold=1.0, weight_decay_rate=c.weight_decay or None)
+  elif c.parameter_scale:
+    # AdamW with each update scaled by its parameter's RMS (nanoT5's AdamWScale): T5 initialises
+    # the query projection ~100x smaller than the embeddings, and a plain AdamW rate large enough
+    # for the one saturates attention through the other. Weight decay stays unscaled.
+    opt = optax.chain(optax.scale_by_adam(b1=c.b1, b2=c.b2), optax.scale_by_param_block_rms(),
+                      optax.add_decayed_weights(c.weight_decay), optax.scale_by_learning_rate(schedule))
   else:
     opt = optax.adamw(schedule, b1=c.b1, b2=c.b2, weight_decay=c.weight_decay)
   if c.clip_norm:
@@ -118,7 +124,7 @@ class TrainState:
 
 def make_train_step(graphdef, optimizer, c: config_lib.TrainConfig, num_tasks: int, frozen=None):
   """frozen: optional pytree like the params, True where a parameter never trains (its gradient is
-  then a constant zero, not computed: finetune.Plan.never_trained)."""
+  then a constant zero, not computed: finetune.Plan.frozen_in)."""
   def loss_fn(params, batch, dropout_key):
     if frozen is not None:
       params = jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, frozen)
@@ -477,10 +483,17 @@ def train(c: config_lib.TrainConfig, workdir: str, *, init_from: str | None = No
     save_model_config(model_config, os.path.join(workdir, "model.yaml"))
   start = int(state.step)
 
-  train_step = jax.jit(make_train_step(graphdef, optimizer, c, len(tasks), plan.never_trained(params)),
-                       donate_argnums=(0,),
-                       in_shardings=(state_shardings, batch_sharding, replicated),
-                       out_shardings=(state_shardings, replicated))
+  compiled_steps = {}  # by stage: gradual unfreezing compiles one step per stage (Plan.frozen_in)
+
+  def train_step(state, batch, key, step):
+    stage = plan.stage_at(step + 1) or 1  # the stage the next update runs in
+    if stage not in compiled_steps:
+      compiled_steps[stage] = jax.jit(
+          make_train_step(graphdef, optimizer, c, len(tasks), plan.frozen_in(params, stage)),
+          donate_argnums=(0,), in_shardings=(state_shardings, batch_sharding, replicated),
+          out_shardings=(state_shardings, replicated))
+    return compiled_steps[stage](state, batch, key)
+
   base_key = jax.jit(lambda: jax.random.key(c.seed), out_shardings=replicated)()
   writer = (tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
             if distributed.is_primary() else tf.summary.create_noop_writer())
@@ -584,7 +597,7 @@ def train(c: config_lib.TrainConfig, workdir: str, *, init_from: str | None = No
           raise UserError(f"mixture {c.data.mixture!r} ran out of training examples") from None
         batch = partitioning.global_batch(batch_sharding, {k: v.numpy() for k, v in batch.items()},
                                           c.data.batch_size)  # this process's rows -> global arrays
-        state, metrics = train_step(state, batch, base_key)
+        state, metrics = train_step(state, batch, base_key, step)
         pending.append(metrics)
         step += 1
         if step % c.log_every == 0 or step == c.steps:

@@ -366,9 +366,10 @@ def test_recipes_run_end_to_end_from_the_cli(tmp_path, cli):
   assert glob.glob(str(tmp_path / "merged" / "checkpoints" / "0"))
 
 
-@pytest.mark.parametrize("strategy", ["adapters", "lora"])
+@pytest.mark.parametrize("strategy", ["adapters", "lora", "gradual_unfreezing"])
 def test_frozen_parameters_get_no_gradient_computation(strategy):
-  """Never-trained parameters are stop_gradient'ed in the step: the same update, fewer FLOPs."""
+  """Parameters that do not train (never: adapters/LoRA's base; not yet: gradual unfreezing's stage 1)
+  are stop_gradient'ed in the step: the same update, fewer FLOPs."""
   c = config_lib.load(None, TINY + [f"finetune.strategy={strategy}"])
   model_config = finetune.apply_to_model_config(c.finetune, tiny_config(vocab_size=128, d_model=64, d_ff=256))
   graphdef, params = nnx.split(T5(model_config, rngs=nnx.Rngs(0)), nnx.Param)
@@ -382,7 +383,7 @@ def test_frozen_parameters_get_no_gradient_computation(strategy):
            "task_ids": jnp.ones((4, 8), jnp.int32)}
   key = jax.random.key(0)
   results, flops = [], []
-  for frozen in (None, plan.never_trained(params)):
+  for frozen in (None, plan.frozen_in(params, 1)):
     step = jax.jit(train.make_train_step(graphdef, optimizer, c, 1, frozen))
     cost = step.lower(state, batch, key).compile().cost_analysis()
     flops.append((cost[0] if isinstance(cost, list) else cost)["flops"])

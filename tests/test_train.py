@@ -8,6 +8,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -138,6 +139,26 @@ def test_skip_nonfinite_skips_updates_then_stops(tmp_path):
   assert "update skipped (3/3 in a row)" in warnings[-1]
   # saved after the skipped steps 7 and 8: still step 6's finite parameters (an applied update would be NaN)
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(_params(tmp_path, 8)))
+
+
+@pytest.mark.parametrize("name", ["adamw", "adafactor"])
+def test_parameter_scale_makes_updates_relative_to_the_weight(name):
+  """optimizer.parameter_scale: the same gradient moves a weight 100x larger 100x further (T5's
+  Adafactor, nanoT5's AdamWScale); without it, both move by the same absolute step."""
+  base = ["optimizer.schedule=constant", "optimizer.warmup_steps=0", "optimizer.clip_norm=0",
+          f"optimizer.name={name}", "optimizer.learning_rate=1e-2"]
+  params = {"small": jnp.full((4, 8), 0.01), "large": jnp.full((4, 8), 1.0)}
+  grads = {"small": jnp.ones((4, 8)), "large": jnp.ones((4, 8))}
+
+  def first_update(*overrides):
+    opt = train.make_optimizer(_config(*base, *overrides).optimizer, 10)
+    updates, _ = opt.update(grads, opt.init(params), params)
+    return {k: float(jnp.abs(v).mean()) for k, v in updates.items()}
+
+  plain, scaled = first_update(), first_update("optimizer.parameter_scale=true")
+  assert plain["large"] == pytest.approx(plain["small"], rel=1e-3)
+  assert scaled["large"] / scaled["small"] == pytest.approx(100.0, rel=1e-3)
+  assert scaled["large"] == pytest.approx(plain["large"], rel=1e-3)  # RMS 1: the rate itself
 
 
 def test_resuming_with_another_optimizer_is_a_clear_error(tmp_path):

@@ -68,7 +68,13 @@ def get_dataset(name: str, split: str, feature_lengths: Mapping[str, int], *, se
     ds = tf.data.Dataset.sample_from_datasets(
         datasets, weights=weights, seed=sample_seed, stop_on_empty_dataset=num_epochs is None)
   task_lengths = {**lengths, TASK_IDS: _task_ids_length(lengths, architecture)}
-  return feature_converter(architecture, pack)(ds, task_lengths)
+  ds = feature_converter(architecture, pack)(ds, task_lengths)
+  # seqio chains many small per-example maps (tokenise, trim, append EOS, tag, convert); fusing
+  # them cuts tf.data's per-element overhead: +17% examples/s on the demo mixture
+  # (benchmarks/input_pipeline.py). Same functions, same order: the output is unchanged.
+  options = tf.data.Options()
+  options.experimental_optimization.map_fusion = True
+  return ds.with_options(options)
 
 
 def _task_ids_length(lengths, architecture):

@@ -17,7 +17,7 @@ The `finetune` config section picks a strategy:
 `decoder` alone means everything under it) overrides the strategy's set; anything it does not
 match is frozen.
 
-How freezing is done (all in the optimizer, so the train step is unchanged):
+How freezing is done (in the optimizer; the train step only skips the gradients it would waste):
 
 - Parameters are labelled by path and split with `optax.partition`. Frozen parameters go to
   `optax.set_to_zero()`: their update is exactly zero after the *whole* chain (clipping, Adafactor

@@ -123,8 +123,8 @@ class TrainState:
 
 
 def make_train_step(graphdef, optimizer, c: config_lib.TrainConfig, num_tasks: int, frozen=None):
-  """frozen: optional pytree like the params, True where a parameter never trains (its gradient is
-  then a constant zero, not computed: finetune.Plan.frozen_in)."""
+  """frozen: optional pytree like the params, True where a parameter does not train in this step's
+  stage (its gradient is then a constant zero, not computed: finetune.Plan.frozen_in)."""
   def loss_fn(params, batch, dropout_key):
     if frozen is not None:
       params = jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, frozen)

@@ -307,6 +307,10 @@ def test_resume_equals_uninterrupted_and_evaluates(base_workdir, tmp_path, strat
           if value.tag == "finetune/stage":
             logged[event.step] = int(tf.make_ndarray(value.tensor))
     assert logged == {1: 1, 2: 1, 3: 2, 4: 2, 5: 2, 6: 2}
+    # Stage 1's compiled step cuts stage 2's blocks from the backward pass; stage 2's step must
+    # train them: by step 6 every parameter has moved from the base.
+    base, end = checkpoint_params(base_workdir, 3), checkpoint_params(full, 6)
+    assert [n for n in base if np.array_equal(base[n], end[n])] == []
   interrupted = tmp_path / "interrupted"
   shutil.copytree(full, interrupted)
   shutil.rmtree(interrupted / "checkpoints" / "6")

@@ -165,7 +165,7 @@ def test_gradual_unfreezing_frozen_params_bit_identical_until_their_stage(optimi
       elif s % accum == 0:  # trains (with accumulation, only on the k-th micro-step)
         assert not np.array_equal(value, previous[name]), (s, name)
     previous = now
-  assert step._cache_size() == 1  # stage changes did not recompile
+  assert step._cache_size() == 1  # the optimizer handles stage changes without recompiling
 
 
 def test_frozen_params_get_no_optimizer_state():

@@ -307,4 +307,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+  from t5mix import host_memory
+  host_memory.reexec_with_hugepages()  # measure the process the `t5mix` command runs in
   main()

@@ -361,5 +361,14 @@ COMMANDS = {"tasks": cmd_tasks, "show": cmd_show, "train": cmd_train, "vocab": c
 COMMANDS["adapters"] = cmd_adapters
 COMMANDS.update(eval_cli.COMMANDS)
 
-if __name__ == "__main__":
+
+
+def run() -> None:
+  """The `t5mix` command (pyproject's [project.scripts]): `main` in a process tuned for training."""
+  from t5mix import host_memory
+  host_memory.reexec_with_hugepages()  # first: it re-executes the process once
   sys.exit(main())
+
+
+if __name__ == "__main__":
+  run()

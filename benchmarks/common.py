@@ -33,7 +33,8 @@ def train_stepper(model_name: str, vocab_size: int, num_tasks: int):
   """Returns step(batch) running one jitted AdamW train step of model `model_name`."""
   c = dataclasses.replace(load_model_config(model_name), vocab_size=vocab_size, dropout_rate=0.0)
   graphdef, params = nnx.split(T5(c, rngs=nnx.Rngs(0)), nnx.Param)
-  tc = config_lib.load(None, ["optimizer.name=adamw", "optimizer.learning_rate=1e-4"])
+  tc = config_lib.load(None, ["optimizer.name=adamw", "optimizer.learning_rate=1e-4",
+                              "optimizer.parameter_scale=false"])
   optimizer = make_optimizer(tc.optimizer, 1000)
   box = [TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))]
   step_fn = jax.jit(make_train_step(graphdef, optimizer, tc, num_tasks), donate_argnums=(0,))

@@ -196,6 +196,13 @@ def main():
   args.targets_length = args.targets_length or targets_length
   if args.preset != "cpu":
     args.only = ["t5mix"]
+  if args.only == ["t5mix"]:
+    # Alone, t5mix is measured in the process the `t5mix` command runs in (t5mix/host_memory.py).
+    # Not with the peers: huge pages slowed both JAX steps when torch shared the process
+    # (benchmarks/RESULTS.md, "Host memory"), so the comparison runs with the system's defaults.
+    from t5mix import host_memory
+    host_memory.reexec_with_hugepages()
+  hugepages = "glibc.malloc.hugetlb=1" in os.environ.get("GLIBC_TUNABLES", "")
 
   c = T5Config(**shape)
   enc, dec_in, tgt = batch_arrays(args.batch, args.inputs_length, args.targets_length, c.vocab_size)
@@ -218,8 +225,10 @@ def main():
   results = {"machine": {"devices": str(jax.devices()), "cpu_count": os.cpu_count()},
              "preset": args.preset, "shape": shape, "batch": args.batch, "inputs_length": args.inputs_length,
              "targets_length": args.targets_length, "matmul_peak_flops": peak,
-             "model_flops_per_step": flops, "frameworks": {}, "unavailable": errors}
+             "model_flops_per_step": flops, "hugepage_malloc": hugepages, "frameworks": {},
+             "unavailable": errors}
   print(f"{jnp.dtype(peak_dtype).name} matmul peak on this machine: {peak / 1e9:.1f} GFLOP/s; model FLOPs per step {flops / 1e9:.1f} G")
+  print("malloc huge pages: " + ("on (as the t5mix command runs)" if hugepages else "off"))
   print(f"{'framework':<10} {'median s/step':>14} {'tokens/s':>10} {'MFU':>6}")
   for name, ts in times.items():
     median = statistics.median(ts)

@@ -27,9 +27,12 @@ class OptimizerConfig:
   weight_decay: float = 0.0
   b1: float = 0.9                  # adamw
   b2: float = 0.999                # adamw
-  parameter_scale: bool = False    # scale each update by its parameter's RMS (floor 1e-3), so the
-                                   # rate is relative to the weight: T5's Adafactor
-                                   # (multiply_by_parameter_scale), nanoT5's AdamWScale for adamw
+  parameter_scale: bool | None = None  # scale each update by its parameter's RMS (floor 1e-3), so
+                                   # the rate is relative to the weight: T5's Adafactor
+                                   # (multiply_by_parameter_scale), nanoT5's AdamWScale for adamw.
+                                   # None (default): as the workdir's run had it when resuming one
+                                   # (see `resolve`), else on, except for finetune.strategy adapters
+                                   # and lora, whose zero-initialised weights would move lr x 1e-3 a step
   clip_norm: float = 1.0           # global gradient-norm clipping; 0 disables
   grad_accum_steps: int = 1        # gradient accumulation (optax.MultiSteps)
   skip_nonfinite: int = 0          # skip up to N updates in a row whose gradients are not finite
@@ -205,3 +208,46 @@ def save(c: TrainConfig, path: str) -> None:
   with open(path, "w") as f:
     yaml.safe_dump(to_dict(c), f, sort_keys=False)
 
+
+def _read_saved(path: str) -> dict:
+  try:
+    with open(path) as f:
+      saved = yaml.safe_load(f)
+  except (OSError, yaml.YAMLError):
+    return {}
+  return saved if isinstance(saved, dict) else {}
+
+
+def resolve(c: TrainConfig, saved_path: str | None = None) -> TrainConfig:
+  """`c` with the defaults that depend on the run filled in (saved to config.yaml as such).
+
+  optimizer.parameter_scale None: the choice saved at `saved_path` (the config.yaml of the workdir
+  being resumed), so that a run keeps its optimizer when the default changes (it was off before
+  2026-12-07, and the optimizer state differs); for a new run, on except for adapters and LoRA.
+  """
+  if c.optimizer.parameter_scale is not None:
+    return c
+  saved = (_read_saved(saved_path).get("optimizer") or {}) if saved_path else {}
+  scale = saved.get("parameter_scale") if isinstance(saved, dict) else None
+  if not isinstance(scale, bool):
+    scale = c.finetune.strategy not in ("adapters", "lora")
+  return dataclasses.replace(c, optimizer=dataclasses.replace(c.optimizer, parameter_scale=scale))
+
+
+def changes_since(path: str, c: TrainConfig) -> list[str]:
+  """`key: saved -> now` for each key where `c` differs from the config saved at `path` (a
+  workdir's config.yaml); [] when there is none or it cannot be read."""
+  def flat(d, prefix=""):
+    out = {}
+    for k, v in (d or {}).items():
+      if isinstance(v, dict) and v and k != "model_overrides":
+        out.update(flat(v, f"{prefix}{k}."))
+      else:
+        out[prefix + str(k)] = v
+    return out
+  saved = flat(_read_saved(path))
+  if not saved:
+    return []
+  now = flat(to_dict(c))
+  return [f"{k}: {saved.get(k, '(unset)')} -> {now.get(k, '(unset)')}"
+          for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]

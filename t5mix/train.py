@@ -49,11 +49,12 @@ def learning_rate_schedule(c: config_lib.OptimizerConfig, total_steps: int) -> o
 def make_optimizer(c: config_lib.OptimizerConfig, total_steps: int,
                    schedule: optax.Schedule | None = None) -> optax.GradientTransformation:
   schedule = schedule or learning_rate_schedule(c, total_steps)
+  parameter_scale = c.parameter_scale is not False  # None: the default, on (config.load resolves it)
   if c.name == "adafactor":
     # T5's Adafactor: factored second moments, no first moment, update clipping at 1.0.
-    opt = optax.adafactor(schedule, multiply_by_parameter_scale=c.parameter_scale,
+    opt = optax.adafactor(schedule, multiply_by_parameter_scale=parameter_scale,
                           clipping_threshold=1.0, weight_decay_rate=c.weight_decay or None)
-  elif c.parameter_scale:
+  elif parameter_scale:
     # AdamW with each update scaled by its parameter's RMS (nanoT5's AdamWScale): T5 initialises
     # the query projection ~100x smaller than the embeddings, and a plain AdamW rate large enough
     # for the one saturates attention through the other. Weight decay stays unscaled.
@@ -373,6 +374,8 @@ def train(c: config_lib.TrainConfig, workdir: str, *, init_from: str | None = No
     os.makedirs(workdir, exist_ok=True)
   except OSError as e:
     raise UserError(f"{workdir}: cannot use as workdir ({e.strerror})") from None
+  saved_config = os.path.join(workdir, "config.yaml")
+  c = config_lib.resolve(c, saved_config)  # defaults a resumed run keeps: see config.resolve
   for path in (workdir, *(os.path.join(workdir, d) for d in ("checkpoints", "tensorboard"))):
     if os.path.exists(path) and not os.access(path, os.W_OK):  # found out now, not at the first save
       raise UserError(f"{path}: {'workdir' if path == workdir else 'directory'} is not writable")
@@ -455,6 +458,12 @@ def train(c: config_lib.TrainConfig, workdir: str, *, init_from: str | None = No
       try:
         restored = manager.restore(step, args=ocp.args.Composite(**items))
       except Exception as e:  # noqa: BLE001 - orbax/tensorstore/tf raise many kinds on damaged files
+        if "tree structures do not match" in str(e):  # readable; same arrays, other optimizer chain
+          raise UserError(
+              f"{step_dir}: does not match this config: its optimizer state has another structure "
+              "(other optimizer settings, e.g. optimizer.parameter_scale, than "
+              f"{saved_config} records); use those, a new --workdir, or --init-from to start "
+              "from its parameters") from None
         raise _Unreadable(f"{type(e).__name__}: {_first_line(e)}") from None
     except _Unreadable as e:
       unreadable[step] = str(e)
@@ -478,6 +487,9 @@ def train(c: config_lib.TrainConfig, workdir: str, *, init_from: str | None = No
     log(f"resumed from checkpoint at step {start}" + ("" if same_data else (
         f" (its data position is for another data sharding or batch size: the data stream "
         f"restarts with seed {c.seed + start})")))
+    changed = config_lib.changes_since(saved_config, c)
+    if changed:  # e.g. a default that changed between t5mix versions
+      log("note: the config differs from the one this workdir last ran with: " + "; ".join(changed))
   if distributed.is_primary():  # only now: a run that cannot start leaves the workdir as it was
     config_lib.save(c, os.path.join(workdir, "config.yaml"))
     save_model_config(model_config, os.path.join(workdir, "model.yaml"))

@@ -338,7 +338,7 @@ def trained_run(tmp_path_factory):
       "model": "tiny", "model_overrides": {"dropout_rate": 0.0}, "steps": 500,
       "checkpoint_every": 250, "log_every": 100,
       "optimizer": {"name": "adamw", "learning_rate": 3e-3, "schedule": "constant",
-                    "warmup_steps": 30},
+                    "warmup_steps": 30, "parameter_scale": False},  # the rate was tuned without it
       "data": {"mixture": MIXTURE, "batch_size": 16, "inputs_length": 160, "targets_length": 16,
                "tasks_dir": [str(defs)]}}))
   workdir = root / "run"

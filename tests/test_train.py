@@ -155,10 +155,42 @@ def test_parameter_scale_makes_updates_relative_to_the_weight(name):
     updates, _ = opt.update(grads, opt.init(params), params)
     return {k: float(jnp.abs(v).mean()) for k, v in updates.items()}
 
-  plain, scaled = first_update(), first_update("optimizer.parameter_scale=true")
+  plain, scaled = first_update("optimizer.parameter_scale=false"), first_update()  # on by default
+  assert first_update("optimizer.parameter_scale=true") == scaled
   assert plain["large"] == pytest.approx(plain["small"], rel=1e-3)
   assert scaled["large"] / scaled["small"] == pytest.approx(100.0, rel=1e-3)
   assert scaled["large"] == pytest.approx(plain["large"], rel=1e-3)  # RMS 1: the rate itself
+
+
+def test_parameter_scale_default_is_on_except_for_zero_initialised_adapters_and_lora(tmp_path):
+  def scale(*overrides, saved=None):
+    return config_lib.resolve(_config(*overrides), saved).optimizer.parameter_scale
+  assert _config().optimizer.parameter_scale is None  # resolved when a run starts
+  assert scale() is True and scale("finetune.strategy=gradual_unfreezing") is True
+  for strategy in ("adapters", "lora"):
+    assert scale(f"finetune.strategy={strategy}") is False
+    assert scale(f"finetune.strategy={strategy}", "optimizer.parameter_scale=true") is True
+  assert scale("optimizer.parameter_scale=false") is False
+  # a workdir saved with it off (every run before it became the default) keeps it off, unless set
+  old = tmp_path / "config.yaml"
+  config_lib.save(_config("optimizer.parameter_scale=false"), old)
+  assert scale(saved=str(old)) is False
+  assert scale("optimizer.parameter_scale=true", saved=str(old)) is True
+  assert scale(saved=str(tmp_path / "missing.yaml")) is True
+
+
+def test_an_old_run_resumes_with_its_optimizer_and_a_changed_one_is_a_clear_error(tmp_path):
+  _run(tmp_path, "steps=2", "checkpoint_every=2", "optimizer.parameter_scale=false")  # the old default
+  lines = []
+  train.train(_config("steps=3", "optimizer.clip_norm=0.5"), str(tmp_path), quiet=True, log=lines.append)
+  assert "parameter_scale: false" in (tmp_path / "config.yaml").read_text()
+  notes = [line for line in lines if line.startswith("note: the config differs")]
+  assert len(notes) == 1 and "optimizer.clip_norm: 1.0 -> 0.5; steps: 2 -> 3" in notes[0], lines
+  # the other optimizer chain, asked for explicitly: an error naming the key, and nothing moved aside
+  with pytest.raises(UserError, match="does not match this config.*optimizer.parameter_scale"):
+    _run(tmp_path, "steps=4", "optimizer.parameter_scale=true")
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "3"]
+  assert not (tmp_path / train.UNREADABLE_DIR).exists()
 
 
 def test_resuming_with_another_optimizer_is_a_clear_error(tmp_path):

@@ -362,7 +362,6 @@ COMMANDS["adapters"] = cmd_adapters
 COMMANDS.update(eval_cli.COMMANDS)
 
 
-
 def run() -> None:
   """The `t5mix` command (pyproject's [project.scripts]): `main` in a process tuned for training."""
   from t5mix import host_memory

@@ -3,8 +3,8 @@
 XLA:CPU allocates every run's temporary buffer anew (hundreds of MiB for a train step), and glibc
 serves an allocation that large with a fresh `mmap`, so each step page-faults and zeroes that memory
 again in 4 KiB pages. glibc >= 2.35 can ask the kernel for transparent huge pages on those mappings
-(`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`), which cuts the faults ~25x and the default benchmark's
-step time by ~13% (benchmarks/RESULTS.md, "Host memory"). A tunable is read only when the process
+(`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`), which cuts the faults ~29x and made the default demo run
+train ~11% faster (benchmarks/RESULTS.md, "Host memory"). A tunable is read only when the process
 starts, so the `t5mix` command sets it and re-executes itself, once, before importing anything heavy.
 
 No library offers this (it is a process-level glibc setting), hence this module. Opt out with

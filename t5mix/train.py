@@ -49,7 +49,7 @@ def learning_rate_schedule(c: config_lib.OptimizerConfig, total_steps: int) -> o
 def make_optimizer(c: config_lib.OptimizerConfig, total_steps: int,
                    schedule: optax.Schedule | None = None) -> optax.GradientTransformation:
   schedule = schedule or learning_rate_schedule(c, total_steps)
-  parameter_scale = c.parameter_scale is not False  # None: the default, on (config.load resolves it)
+  parameter_scale = c.parameter_scale is not False  # None (unresolved, see config.resolve): on
   if c.name == "adafactor":
     # T5's Adafactor: factored second moments, no first moment, update clipping at 1.0.
     opt = optax.adafactor(schedule, multiply_by_parameter_scale=parameter_scale,

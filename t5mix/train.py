@@ -267,19 +267,55 @@ def _tree_shapes(tree) -> dict[str, tuple]:
           for path, leaf in leaves if hasattr(leaf, "shape")}
 
 
+def _containers(tree) -> dict[str, str]:
+  """{dotted path: "mapping of k1, k2" | "sequence of N" | "empty"} for the containers and empty
+  nodes of a serialized tree (orbax's metadata tree, or `ocp.tree.serialize_tree(...,
+  keep_empty_nodes=True)`). Arrays are left to _tree_shapes. An optimizer chain's stateless
+  elements (e.g. parameter scaling) are empty nodes: they change no array, only the chain's length.
+  """
+  out = {}
+
+  def walk(node, path):
+    if isinstance(node, dict):
+      out[path] = "mapping of " + ", ".join(sorted(map(str, node)))
+      items = node.items()
+    elif isinstance(node, (list, tuple)) and not hasattr(node, "_fields"):
+      out[path] = f"sequence of {len(node)}"
+      items = enumerate(node)
+    else:
+      if not hasattr(node, "shape"):  # None in metadata, EmptyState() in the state
+        out[path] = "empty"
+      return
+    for k, v in items:
+      walk(v, f"{path}.{k}" if path else str(k))
+  walk(tree, "")
+  return out
+
+
 def check_matches_config(step_dir: str, state) -> None:
   """UserError if the checkpoint in `step_dir` holds another model's or optimizer's state than
   `state`; _Unreadable if its tree metadata cannot be read. Reads no arrays."""
   try:
-    saved = _tree_shapes(
-        ocp.StandardCheckpointer().metadata(os.path.join(step_dir, "state")).item_metadata)
+    metadata = ocp.StandardCheckpointer().metadata(os.path.join(step_dir, "state")).item_metadata
+    saved = _tree_shapes(metadata)
   except Exception as e:  # noqa: BLE001 - orbax raises many kinds on damaged files
     raise _Unreadable(f"state metadata: {type(e).__name__}: {_first_line(e)}") from None
   if not saved:
     raise _Unreadable("no tree metadata in state/: missing or damaged files")
   expected = _tree_shapes(state)
   if saved == expected:
-    return
+    # Same arrays; the structure around them can still differ (an optimizer chain with another
+    # stateless element), which orbax would only report as a failed restore.
+    there = _containers(getattr(metadata, "tree", metadata))
+    here = _containers(ocp.tree.serialize_tree(state, keep_empty_nodes=True))
+    if there == here:
+      return
+    key = min(k for k in set(there) | set(here) if there.get(k) != here.get(k))
+    raise UserError(
+        f"{step_dir}: does not match this config (other optimizer settings, e.g. "
+        f"optimizer.parameter_scale?): state.{key} is a {there.get(key, 'nothing')} there, a "
+        f"{here.get(key, 'nothing')} here; use the settings it was trained with, a new --workdir, "
+        "or --init-from to start from its parameters")
   # The first difference, parameters before optimizer state: the likelier config mistake.
   diffs = sorted((k for k in set(saved) | set(expected) if saved.get(k) != expected.get(k)),
                  key=lambda k: (not k.startswith("params."), k))
@@ -458,12 +494,6 @@ def train(c: config_lib.TrainConfig, workdir: str, *, init_from: str | None = No
       try:
         restored = manager.restore(step, args=ocp.args.Composite(**items))
       except Exception as e:  # noqa: BLE001 - orbax/tensorstore/tf raise many kinds on damaged files
-        if "tree structures do not match" in str(e):  # readable; same arrays, other optimizer chain
-          raise UserError(
-              f"{step_dir}: does not match this config: its optimizer state has another structure "
-              "(other optimizer settings, e.g. optimizer.parameter_scale, than "
-              f"{saved_config} records); use those, a new --workdir, or --init-from to start "
-              "from its parameters") from None
         raise _Unreadable(f"{type(e).__name__}: {_first_line(e)}") from None
     except _Unreadable as e:
       unreadable[step] = str(e)

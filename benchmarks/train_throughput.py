@@ -32,7 +32,7 @@ import optax
 from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from t5mix import config as config_lib  # noqa: E402
+from t5mix import config as config_lib, host_memory  # noqa: E402
 from t5mix.model import T5, T5Config  # noqa: E402
 from t5mix.train import TrainState, make_train_step  # noqa: E402
 
@@ -200,9 +200,8 @@ def main():
     # Alone, t5mix is measured in the process the `t5mix` command runs in (t5mix/host_memory.py).
     # Not with the peers: huge pages slowed both JAX steps when torch shared the process
     # (benchmarks/RESULTS.md, "Host memory"), so the comparison runs with the system's defaults.
-    from t5mix import host_memory
     host_memory.reexec_with_hugepages()
-  hugepages = "glibc.malloc.hugetlb=1" in os.environ.get("GLIBC_TUNABLES", "")
+  hugepages = host_memory.TUNABLE in os.environ.get("GLIBC_TUNABLES", "")
 
   c = T5Config(**shape)
   enc, dec_in, tgt = batch_arrays(args.batch, args.inputs_length, args.targets_length, c.vocab_size)

@@ -9,6 +9,16 @@ import pytest
 from t5mix import host_memory
 
 
+needs_hugepages = pytest.mark.skipif(
+    host_memory.tunables_with_hugepages({}, host_memory._glibc_version(), host_memory._thp_mode()) is None,
+    reason="needs Linux, glibc >= 2.35 and transparent huge pages not 'never'")
+
+
+def _clean_env():
+  """This process's environment without the settings under test."""
+  return {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "T5MIX_HUGEPAGES")}
+
+
 def test_tunable_is_added_once_and_respects_opt_out_and_platform():
   new = host_memory.tunables_with_hugepages
   assert new({}, (2, 36), "madvise") == "glibc.malloc.hugetlb=1"
@@ -57,15 +67,12 @@ print(os.environ.get("GLIBC_TUNABLES"), advised)
 
 
 def _child(**env):
-  base = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "T5MIX_HUGEPAGES")}
-  out = subprocess.run([sys.executable, "-c", CHILD], env={**base, **env}, capture_output=True, text=True,
+  out = subprocess.run([sys.executable, "-c", CHILD], env={**_clean_env(), **env}, capture_output=True, text=True,
                        check=True).stdout.split()
   return (None if out[0] == "None" else out[0]), out[1] == "True"
 
 
-@pytest.mark.skipif(host_memory.tunables_with_hugepages({}, host_memory._glibc_version(),
-                                                        host_memory._thp_mode()) is None,
-                    reason="needs Linux, glibc >= 2.35 and transparent huge pages not 'never'")
+@needs_hugepages
 def test_reexec_advises_huge_pages_for_large_allocations():
   tunables, advised = _child()
   assert tunables == "glibc.malloc.hugetlb=1" and advised
@@ -73,9 +80,7 @@ def test_reexec_advises_huge_pages_for_large_allocations():
   assert tunables is None and not advised
 
 
-@pytest.mark.skipif(host_memory.tunables_with_hugepages({}, host_memory._glibc_version(),
-                                                        host_memory._thp_mode()) is None,
-                    reason="needs Linux, glibc >= 2.35 and transparent huge pages not 'never'")
+@needs_hugepages
 def test_the_t5mix_command_runs_with_huge_pages(tmp_path):
   # pyproject's console script and `python -m t5mix.cli` both enter through cli.run; a user module
   # loaded by the command reports the environment it runs in.
@@ -85,9 +90,8 @@ def test_the_t5mix_command_runs_with_huge_pages(tmp_path):
     assert tomllib.load(f)["project"]["scripts"]["t5mix"] == "t5mix.cli:run"
   module = tmp_path / "report_env.py"
   module.write_text("import os\nprint('TUNABLES=' + str(os.environ.get('GLIBC_TUNABLES')))\n")
-  base = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "T5MIX_HUGEPAGES")}
   for extra, expected in (({}, "TUNABLES=glibc.malloc.hugetlb=1"), ({"T5MIX_HUGEPAGES": "0"}, "TUNABLES=None")):
     p = subprocess.run([sys.executable, "-m", "t5mix.cli", "tasks", "--no-counts", "--module", str(module)],
-                       env={**base, **extra}, capture_output=True, text=True)
+                       env={**_clean_env(), **extra}, capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     assert expected in p.stdout.splitlines(), p.stdout[:300]

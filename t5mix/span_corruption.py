@@ -76,11 +76,13 @@ with each other, so a chunk never straddles two documents.
 
 Randomness and determinism
 --------------------------
-The noise mask is drawn with `tf.random.stateless_*` ops from a per-example seed handed out by
+Documents are processed `CORRUPT_BATCH` at a time: each batch is chunked and its noise masks
+drawn by a few vectorised tensor ops, then split back into one example per chunk, in order. The
+masks are drawn with `tf.random.stateless_*` ops from a per-batch seed handed out by
 `seqio.map_over_dataset(num_seeds=1)`. Under `Task.get_dataset(..., seed=s)` (which runs the
 preprocessors inside `seqio.utils.map_seed_manager(s)`), the output is a deterministic function of
-`s`, and the per-example seeds come from a `tf.data.Dataset.random` stream, so the whole pipeline
-is stateless per element and a tf.data iterator over it can be checkpointed with
+`s`, and the per-batch seeds come from a `tf.data.Dataset.random` stream, so the pipeline holds
+no random-op state and a tf.data iterator over it (batching included) can be checkpointed with
 `tf.train.Checkpoint(iterator=...)` and restored. With `seed=None` the masks are random.
 """
 
@@ -93,6 +95,8 @@ from t5mix.errors import UserError
 
 # Chunks shorter than this cannot hold one noise and one non-noise token, and are dropped.
 MIN_CHUNK_TOKENS = 2
+# Documents chunked and corrupted together by one batch of tensor ops.
+CORRUPT_BATCH = 64
 
 
 # ----------------------------------------------------------------------------------------------
@@ -176,7 +180,7 @@ def random_spans_helper(inputs_length: int,
 
 
 def _noise_counts_tf(length, noise_density, mean_noise_span_length):
-  """TF twin of `noise_counts` for a scalar int32 `length` >= 2 (same float64 rounding)."""
+  """TF twin of `noise_counts` for int32 `length` >= 2, elementwise (same float64 rounding)."""
   num_noise = tf.cast(tf.round(tf.cast(length, tf.float64) * float(noise_density)), tf.int32)
   num_noise = tf.clip_by_value(num_noise, 1, length - 1)
   num_spans = tf.cast(
@@ -186,42 +190,67 @@ def _noise_counts_tf(length, noise_density, mean_noise_span_length):
   return num_noise, num_spans
 
 
-def _random_partition(total, num_parts, seed):
-  """`num_parts` positive int32 lengths summing to `total`, uniformly over all such partitions.
+def _random_partitions(totals, num_parts, width, seed):
+  """Part index [B, width] of each of the first totals[i] slots of row i: a uniformly random
+  partition of totals[i] slots into num_parts[i] consecutive, non-empty parts.
 
   A partition is a choice of num_parts - 1 distinct cut points among the total - 1 gaps between
-  tokens; taking the gaps with the num_parts - 1 largest of total - 1 iid uniform scores picks
-  such a subset uniformly at random. Needs 1 <= num_parts <= total.
+  slots; taking the gaps whose iid uniform scores rank among the num_parts - 1 largest of the row's
+  valid gaps picks such a subset uniformly at random. Slots at or beyond totals[i] get garbage
+  part indices (callers mask them). Needs 1 <= num_parts <= totals.
   """
-  scores = tf.random.stateless_uniform([total - 1], seed=seed)
-  _, gaps = tf.math.top_k(scores, k=num_parts - 1, sorted=False)
-  cuts = tf.sort(gaps + 1)
-  bounds = tf.concat([[0], cuts, [total]], axis=0)
-  return bounds[1:] - bounds[:-1]
+  gaps = tf.range(width - 1)
+  scores = tf.random.stateless_uniform([tf.size(totals), width - 1], seed=seed)
+  # Invalid gaps (beyond the row's total - 1) score -1, below every valid one.
+  scores = tf.where(gaps[None, :] < totals[:, None] - 1, scores, -1.0)
+  order = tf.argsort(scores, axis=1, direction="DESCENDING", stable=True)
+  rank = tf.argsort(order, axis=1, stable=True)  # the inverse permutation: each gap's rank
+  cut = tf.cast(rank < num_parts[:, None] - 1, tf.int32)
+  # The slot after gap g starts a new part if g is a cut: slot j's part = cuts among gaps < j.
+  return tf.pad(tf.cumsum(cut, axis=1), [[0, 0], [1, 0]])
+
+
+def random_spans_noise_masks(lengths, width, seed, noise_density: float = 0.15,
+                             mean_noise_span_length: float = 3.0) -> tf.Tensor:
+  """Boolean [B, width] masks, True on noise tokens; row i is a chunk of lengths[i] >= 2 tokens
+  (positions from lengths[i] on are False).
+
+  Each chunk is split into 2*S alternating spans, non-noise first: non-noise, noise, non-noise,
+  noise, ... (so it always ends on a noise span), where its N noise tokens and its length - N
+  non-noise tokens are each randomly partitioned into S positive parts (N, S from
+  `noise_counts`). `seed` is a stateless-op seed (shape [2] integer tensor).
+
+  Vectorised over the batch, so the per-chunk cost is a few tensor ops on a batch rather than a
+  few dozen small ops per chunk: interleaving the two partitions is a stable sort of the slots by
+  (part, non-noise before noise).
+  """
+  lengths = tf.convert_to_tensor(lengths, tf.int32)
+  num_noise, num_spans = _noise_counts_tf(lengths, noise_density, mean_noise_span_length)
+  seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num=2)
+  nonnoise_part = _random_partitions(lengths - num_noise, num_spans, width, seeds[0])
+  noise_part = _random_partitions(num_noise, num_spans, width, seeds[1])
+  slot = tf.range(width)[None, :]
+  beyond = 4 * width  # sorts after every real key (parts < width)
+  keys = tf.concat([tf.where(slot < (lengths - num_noise)[:, None], 2 * nonnoise_part, beyond),
+                    tf.where(slot < num_noise[:, None], 2 * noise_part + 1, beyond)], axis=1)
+  # Position p of the chunk holds the p-th slot in key order; it is noise if that slot came from
+  # the noise half.
+  order = tf.argsort(keys, axis=1, stable=True)[:, :width]
+  return (order >= width) & (slot < lengths[:, None])
 
 
 def random_spans_noise_mask(length, seed, noise_density: float = 0.15,
                             mean_noise_span_length: float = 3.0) -> tf.Tensor:
-  """Boolean [length] mask, True on noise tokens, for a chunk of `length` >= 2 tokens.
-
-  The chunk is split into 2*S alternating spans, non-noise first: non-noise, noise, non-noise,
-  noise, ... (so it always ends on a noise span), where the N noise tokens and the
-  length - N non-noise tokens are each randomly partitioned into S positive parts
-  (N, S from `noise_counts`). `seed` is a stateless-op seed (shape [2] integer tensor).
-  """
+  """Boolean [length] mask of one chunk of `length` >= 2 tokens (`random_spans_noise_masks`)."""
   length = tf.convert_to_tensor(length, tf.int32)
-  num_noise, num_spans = _noise_counts_tf(length, noise_density, mean_noise_span_length)
-  seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num=2)
-  nonnoise_lengths = _random_partition(length - num_noise, num_spans, seeds[0])
-  noise_lengths = _random_partition(num_noise, num_spans, seeds[1])
-  span_lengths = tf.reshape(tf.stack([nonnoise_lengths, noise_lengths], axis=1), [-1])
-  span_is_noise = tf.tile(tf.constant([False, True]), [num_spans])
-  return tf.repeat(span_is_noise, span_lengths)
+  return random_spans_noise_masks(length[None], length, seed, noise_density,
+                                  mean_noise_span_length)[0]
 
 
-def corrupt_spans(tokens: tf.Tensor, noise_mask: tf.Tensor,
-                  vocab_size: int) -> Tuple[tf.Tensor, tf.Tensor]:
-  """(inputs, targets) of one chunk given its noise mask; sentinel of span i is vocab_size-1-i.
+def corrupt_spans_batch(tokens: tf.Tensor, lengths: tf.Tensor, noise_mask: tf.Tensor,
+                        vocab_size: int) -> Tuple[tf.RaggedTensor, tf.RaggedTensor]:
+  """(inputs, targets), ragged [B, None], of chunks tokens [B, W] (row i: its first lengths[i]
+  tokens) with noise masks [B, W]; the sentinel of span i is vocab_size-1-i.
 
   Every token becomes 1 or 2 slots: [sentinel?, token]. The sentinel slot exists on the first
   token of each noise span; inputs keep the sentinel slots and the non-noise tokens, targets keep
@@ -229,14 +258,25 @@ def corrupt_spans(tokens: tf.Tensor, noise_mask: tf.Tensor,
   """
   tokens = tf.convert_to_tensor(tokens)
   noise_mask = tf.convert_to_tensor(noise_mask, tf.bool)
-  previous_is_noise = tf.concat([[False], noise_mask[:-1]], axis=0)
-  span_start = tf.logical_and(noise_mask, tf.logical_not(previous_is_noise))
-  span_index = tf.cumsum(tf.cast(span_start, tokens.dtype)) - 1
+  valid = tf.range(tf.shape(tokens)[1])[None, :] < lengths[:, None]
+  previous_is_noise = tf.pad(noise_mask[:, :-1], [[0, 0], [1, 0]])
+  span_start = noise_mask & ~previous_is_noise
+  span_index = tf.cumsum(tf.cast(span_start, tokens.dtype), axis=1) - 1
   sentinels = tf.cast(vocab_size - 1, tokens.dtype) - span_index
-  slots = tf.reshape(tf.stack([sentinels, tokens], axis=1), [-1])
-  keep_inputs = tf.reshape(tf.stack([span_start, tf.logical_not(noise_mask)], axis=1), [-1])
-  keep_targets = tf.reshape(tf.stack([span_start, noise_mask], axis=1), [-1])
-  return tf.boolean_mask(slots, keep_inputs), tf.boolean_mask(slots, keep_targets)
+  interleave = lambda a, b: tf.reshape(tf.stack([a, b], axis=2), [tf.shape(a)[0], -1])  # noqa: E731
+  slots = interleave(sentinels, tokens)
+  inputs = tf.ragged.boolean_mask(slots, interleave(span_start, ~noise_mask & valid))
+  targets = tf.ragged.boolean_mask(slots, interleave(span_start, noise_mask))
+  return inputs, targets
+
+
+def corrupt_spans(tokens: tf.Tensor, noise_mask: tf.Tensor,
+                  vocab_size: int) -> Tuple[tf.Tensor, tf.Tensor]:
+  """(inputs, targets) of one chunk given its noise mask (`corrupt_spans_batch`)."""
+  tokens = tf.convert_to_tensor(tokens)
+  inputs, targets = corrupt_spans_batch(tokens[None], tf.size(tokens)[None], noise_mask[None],
+                                        vocab_size)
+  return inputs[0], targets[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -267,33 +307,21 @@ def text_to_targets(x, text_key: str = "text"):
   return {"targets": text}
 
 
-def _split_into_chunks(dataset: tf.data.Dataset, chunk_length: int) -> tf.data.Dataset:
-  """{"targets": doc tokens} -> one {"targets": chunk} per chunk of `chunk_length` tokens.
-
-  The tail chunk is kept if it has at least MIN_CHUNK_TOKENS tokens. Dense and vectorised: the
-  document is padded to a multiple of chunk_length, reshaped, unbatched, and each row cut back
-  to its true length.
-  """
-
-  @seqio.map_over_dataset
-  def to_chunk_rows(x):
-    tokens = x["targets"]
-    if tokens.shape.rank != 1:
-      raise UserError("span_corruption: feature 'targets' must be 1-D token ids; put "
-                      "span_corruption after seqio.preprocessors.tokenize")
-    n = tf.size(tokens)
-    num_rows = (n + chunk_length - 1) // chunk_length
-    padded = tf.pad(tokens, [[0, num_rows * chunk_length - n]])
-    rows = tf.reshape(padded, [num_rows, chunk_length])
-    lengths = tf.minimum(n - tf.range(num_rows) * chunk_length, chunk_length)
-    keep = lengths >= MIN_CHUNK_TOKENS
-    return {"rows": tf.boolean_mask(rows, keep), "lengths": tf.boolean_mask(lengths, keep)}
-
-  @seqio.map_over_dataset
-  def trim_row(x):
-    return {"targets": x["rows"][:x["lengths"]]}
-
-  return trim_row(to_chunk_rows(dataset).unbatch())
+def _chunk_rows(docs: tf.RaggedTensor, chunk_length: int) -> Tuple[tf.Tensor, tf.Tensor]:
+  """Documents ragged [B, None] -> (rows [R, chunk_length], lengths [R]): every document cut into
+  consecutive chunks of `chunk_length` tokens (zero-padded), tail chunks kept if they have at
+  least MIN_CHUNK_TOKENS tokens, in document order."""
+  doc_lengths = docs.row_lengths()
+  rows_per_doc = (doc_lengths + chunk_length - 1) // chunk_length
+  first_row = tf.cumsum(rows_per_doc, exclusive=True)
+  position = tf.ragged.range(doc_lengths).flat_values
+  row = tf.gather(first_row, docs.value_rowids()) + position // chunk_length
+  chunks = tf.RaggedTensor.from_value_rowids(docs.flat_values, row,
+                                             nrows=tf.reduce_sum(rows_per_doc))
+  lengths = tf.cast(chunks.row_lengths(), tf.int32)
+  keep = lengths >= MIN_CHUNK_TOKENS
+  rows = chunks.to_tensor(shape=[None, chunk_length])
+  return tf.boolean_mask(rows, keep), tf.boolean_mask(lengths, keep)
 
 
 def span_corruption(dataset: tf.data.Dataset,
@@ -346,11 +374,28 @@ def span_corruption(dataset: tf.data.Dataset,
         "(see random_spans_helper)")
   vocab_size = vocabulary.vocab_size
 
+  spec = dataset.element_spec
+  if not isinstance(spec, Mapping) or "targets" not in spec or spec["targets"].shape.rank != 1:
+    raise UserError("span_corruption: feature 'targets' must be 1-D token ids; put "
+                    "span_corruption after seqio.preprocessors.tokenize")
+
+  # Documents are chunked and corrupted CORRUPT_BATCH at a time (one seed per batch), then split
+  # into examples again: the same chunks in the same order, for a fraction of the per-example
+  # cost of small tf.data ops (benchmarks/RESULTS.md).
   @seqio.map_over_dataset(num_seeds=1)
-  def corrupt(x, seed):
-    tokens = x["targets"]
-    mask = random_spans_noise_mask(tf.size(tokens), seed, noise_density, mean_noise_span_length)
-    inputs, targets = corrupt_spans(tokens, mask, vocab_size)
+  def corrupt(docs, seed):
+    docs = tf.RaggedTensor.from_tensor(docs["tokens"], lengths=docs["length"])
+    rows, lengths = _chunk_rows(docs, tokens_length)
+    mask = random_spans_noise_masks(lengths, tokens_length, seed, noise_density,
+                                    mean_noise_span_length)
+    inputs, targets = corrupt_spans_batch(rows, lengths, mask, vocab_size)
     return {input_feature_key: inputs, "targets": targets}
 
-  return corrupt(_split_into_chunks(dataset, tokens_length))
+  @seqio.map_over_dataset
+  def as_dense(x):  # unbatched ragged rows are plain 1-D tensors; say so in the element spec
+    return {key: tf.identity(value) for key, value in x.items()}
+
+  # (padded_batch with the lengths costs less per document than ragged_batch)
+  docs = dataset.map(lambda x: {"tokens": x["targets"], "length": tf.size(x["targets"])},
+                     num_parallel_calls=tf.data.AUTOTUNE).padded_batch(CORRUPT_BATCH)
+  return as_dense(corrupt(docs).unbatch())

@@ -76,21 +76,28 @@ def _decode_loop(model, inputs, max_decode_len, eos_id, choose):
   logits, cache = _prefill(model, inputs, max_decode_len)
   batch = inputs.shape[0]
 
+  def emit(step, logits, done, out):
+    token = jnp.where(done, 0, choose(step, logits)).astype(jnp.int32)
+    out = jax.lax.dynamic_update_slice_in_dim(out, token[:, None], step, axis=1)
+    return token, done | (token == eos_id), out
+
+  # The loop emits all but the last token, each followed by the model step that gives the next
+  # token's logits; the last token is emitted after it, so no model step runs whose logits go unused.
   def cond(state):
     step, _, _, done, _ = state
-    return (step < max_decode_len) & ~jnp.all(done)
+    return (step < max_decode_len - 1) & ~jnp.all(done)
 
   def body(state):
     step, logits, cache, done, out = state
-    token = jnp.where(done, 0, choose(step, logits)).astype(jnp.int32)
-    out = jax.lax.dynamic_update_slice_in_dim(out, token[:, None], step, axis=1)
-    done = done | (token == eos_id)
+    token, done, out = emit(step, logits, done, out)
     logits, cache = model.decode_step(token[:, None], cache)
     return step + 1, logits[:, -1], cache, done, out
 
   out = jnp.zeros((batch, max_decode_len), jnp.int32)
   state = (jnp.int32(0), logits, cache, jnp.zeros((batch,), bool), out)
-  return jax.lax.while_loop(cond, body, state)[-1]
+  step, logits, _, done, out = jax.lax.while_loop(cond, body, state)
+  # If every row ended early, `done` makes this write a 0 where out already holds one.
+  return emit(step, logits, done, out)[2]
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_decode_len", "eos_id"))

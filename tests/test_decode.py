@@ -76,6 +76,17 @@ def test_greedy_with_cache_equals_full_forward_argmax(model, inputs):
   np.testing.assert_array_equal(out, full_forward_argmax(model, inputs, MAX_LEN))
 
 
+def test_shorter_decodes_are_prefixes_of_longer_ones(model, inputs):
+  """The loop runs one model step fewer than it emits tokens (the last one is chosen after it), so
+  check the shortest lengths, 1 included, against the longest decode."""
+  full = np.asarray(decode.greedy(model, inputs, max_decode_len=MAX_LEN, eos_id=NO_EOS))
+  for length in (1, 2):
+    np.testing.assert_array_equal(decode.greedy(model, inputs, max_decode_len=length, eos_id=NO_EOS),
+                                  full[:, :length])
+  sampled = decode.sample(model, inputs, jax.random.key(0), max_decode_len=1, top_k=1, eos_id=NO_EOS)
+  np.testing.assert_array_equal(sampled, full[:, :1])
+
+
 def test_beam_size_1_and_top_k_1_equal_greedy(model, inputs):
   greedy = decode.greedy(model, inputs, max_decode_len=MAX_LEN, eos_id=NO_EOS)
   beam = decode.beam_search(model, inputs, max_decode_len=MAX_LEN, beam_size=1, alpha=0.0, eos_id=NO_EOS)

@@ -39,11 +39,7 @@ from t5mix import decode  # noqa: E402
 from t5mix.hf_interop import save_hf_checkpoint  # noqa: E402
 from t5mix.model import T5, T5Config  # noqa: E402
 
-from train_throughput import SHAPE, interleaved_times  # noqa: E402  (the same model as the train benchmark)
-# --tiny: for the smoke test (tests/test_benchmarks_smoke.py), not for numbers.
-TINY_SHAPE = dict(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_heads=4, num_encoder_layers=2,
-                  num_decoder_layers=2, dropout_rate=0.0, feed_forward_proj="gated-gelu",
-                  tie_word_embeddings=False)
+from train_throughput import SHAPE, TINY_SHAPE, interleaved_times  # noqa: E402  (the train benchmark's model)
 NO_EOS = -1  # t5mix: argmax never returns -1, so no row ever stops early
 
 

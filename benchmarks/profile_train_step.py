@@ -26,8 +26,6 @@ import jax  # noqa: E402
 import train_throughput as tt  # noqa: E402  (sets the environment, puts t5mix on the path)
 from t5mix.model import T5Config  # noqa: E402
 
-TINY_SHAPE = dict(tt.SHAPE, vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_encoder_layers=2,
-                  num_decoder_layers=2)
 
 
 def op_names(hlo_text: str) -> dict[str, tuple[str, str]]:
@@ -63,7 +61,7 @@ def main():
   parser.add_argument("--top", type=int, default=15)
   parser.add_argument("--tiny", action="store_true", help="a toy model (for the smoke test)")
   args = parser.parse_args()
-  c = T5Config(**(TINY_SHAPE if args.tiny else tt.SHAPE))
+  c = T5Config(**(tt.TINY_SHAPE if args.tiny else tt.SHAPE))
   step, state, batch, key = tt.t5mix_step(c, *tt.batch_arrays(16, 128, 32, c.vocab_size))
   compiled = step.lower(state, batch, key).compile()
   names = op_names(compiled.as_text())

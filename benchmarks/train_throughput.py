@@ -39,6 +39,9 @@ from t5mix.train import TrainState, make_train_step  # noqa: E402
 SHAPE = dict(vocab_size=32128, d_model=256, d_kv=64, d_ff=1024, num_heads=4, num_encoder_layers=4,
              num_decoder_layers=4, dropout_rate=0.0, feed_forward_proj="gated-gelu",
              tie_word_embeddings=False)
+# --tiny in the other scripts: a toy model for the smoke tests (tests/test_benchmarks_smoke.py), not for numbers.
+TINY_SHAPE = dict(SHAPE, vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_encoder_layers=2,
+                  num_decoder_layers=2)
 # --preset gpu-base: T5 v1.1 base (configs/model/base.yaml) in bfloat16, for a lent GPU; t5mix alone
 # (the peers here are CPU builds), MFU against a bfloat16 matmul peak measured in the same run.
 GPU_BASE = dict(vocab_size=32128, d_model=768, d_kv=64, d_ff=2048, num_heads=12, num_encoder_layers=12,
@@ -112,8 +115,11 @@ def t5mix_step(c: T5Config, enc, dec_in, tgt):
   return step_fn, state, jax.device_put(batch), jax.random.key(0)
 
 
-def t5mix_runner(c: T5Config, enc, dec_in, tgt):
+def t5mix_runner(c: T5Config, enc, dec_in, tgt, compiler_options: dict | None = None):
+  """compiler_options: XLA debug options for this step's compilation alone (ablate_train_step.py)."""
   step_fn, state, batch, key = t5mix_step(c, enc, dec_in, tgt)
+  if compiler_options:
+    step_fn = step_fn.lower(state, batch, key).compile(compiler_options=compiler_options)
   box = [state]
 
   def step():

@@ -36,6 +36,18 @@ def test_profile_train_step_runs():
   assert "jit(train_step)" in proc.stdout  # the slowest ops, named with their jax operation
 
 
+def test_ablate_train_step_runs_code_variants_and_xla_options(tmp_path):
+  out = tmp_path / "ablate.json"
+  proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "ablate_train_step.py"), "--tiny", "--steps", "2",
+                         "--xla-option", "xla_cpu_copy_insertion_use_region_analysis=true", "--json", str(out)],
+                        capture_output=True, text=True, cwd=REPO, timeout=300)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  medians = json.loads(out.read_text())["median_step_s"]
+  assert set(medians) == {"as shipped", "autodiff bias gradient", "N-D tensordot projections",
+                          "xla_cpu_copy_insertion_use_region_analysis=true"}
+  assert all(t > 0 for t in medians.values())
+
+
 SHARED = REPO.parent / "shared" / "data"
 REAL_DATA = REPO / "benchmarks" / "real_data"
 

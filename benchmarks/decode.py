@@ -1,6 +1,7 @@
 """Greedy-decoding throughput: t5mix (KV cache, jitted while_loop) vs HuggingFace PyTorch generate, same weights.
 
     python benchmarks/decode.py [--batch 16] [--inputs-length 128] [--new-tokens 32] [--repeats 10] [--json out.json]
+                                [--breakdown]
 
 One t5mix model is built from a seed and exported with t5mix.hf_interop.save_hf_checkpoint; HF
 T5ForConditionalGeneration loads that export, so both decode with identical float32 weights. Inputs are
@@ -11,6 +12,9 @@ turn) and each framework reports the median after warm-up; t5mix's compile happe
 Reports generated tokens/s (batch × new tokens / median time), the t5mix / hf_torch ratio, and the
 fraction of generated tokens on which the two agree (reported, not asserted). Needs the `bench` peers
 (`pip install -e .[test]`: torch, transformers); if they cannot run, t5mix is timed alone.
+--breakdown also splits t5mix's time: the prefill (encoder, cross-attention keys and values, the
+first decoder step) timed alone, the rest per token step, and the output projection's matmul alone
+with the rate at which it reads the [d_model, vocab] weight.
 """
 
 from __future__ import annotations
@@ -61,6 +65,26 @@ def t5mix_runner(model: T5, enc: np.ndarray, new_tokens: int):
   return run
 
 
+def t5mix_breakdown(model: T5, enc: np.ndarray, new_tokens: int, repeats: int) -> dict:
+  """Seconds of the prefill alone, of a whole greedy decode, per token step after the prefill, and of
+  the output projection's matmul alone (with the GB/s at which it reads the weight), medians."""
+  graphdef, state = nnx.split(model)
+  inputs = jax.device_put(enc)
+  prefill = jax.jit(lambda state, inputs: decode._prefill(nnx.merge(graphdef, state), inputs, new_tokens))
+  weight = model.lm_head[...] if model.lm_head is not None else model.embedding[...].T
+  hidden = jax.device_put(np.ones((enc.shape[0], weight.shape[0]), np.float32))
+  project = jax.jit(lambda h, w: h @ w)
+  runners = {"prefill": lambda: jax.block_until_ready(prefill(state, inputs)),
+             "greedy": t5mix_runner(model, enc, new_tokens),
+             "projection": lambda: jax.block_until_ready(project(hidden, weight))}
+  for run in runners.values():
+    run(), run()
+  times = {k: statistics.median(v) for k, v in interleaved_times(runners, repeats).items()}
+  step = (times["greedy"] - times["prefill"]) / max(1, new_tokens - 1)
+  return {"prefill_s": times["prefill"], "greedy_s": times["greedy"], "token_step_s": step,
+          "projection_s": times["projection"], "projection_weight_gb_per_s": weight.nbytes / times["projection"] / 1e9}
+
+
 def hf_torch_runner(hf_dir: str, enc: np.ndarray, new_tokens: int):
   import torch
   import transformers
@@ -91,6 +115,7 @@ def main():
   parser.add_argument("--tiny", action="store_true", help="a toy model (smoke test only)")
   parser.add_argument("--json", help="write results here")
   parser.add_argument("--only", nargs="*", help="subset of: t5mix hf_torch")
+  parser.add_argument("--breakdown", action="store_true", help="also split t5mix's time (prefill, token step)")
   args = parser.parse_args()
 
   shape = TINY_SHAPE if args.tiny else SHAPE
@@ -151,6 +176,11 @@ def main():
           f"{int(same.all(axis=1).sum())}/{args.batch} rows identical")
   for name, e in errors.items():
     print(f"{name}: unavailable ({e})")
+  if args.breakdown:
+    b = results["t5mix_breakdown"] = t5mix_breakdown(model, enc, args.new_tokens, args.repeats)
+    print(f"t5mix: prefill {1e3 * b['prefill_s']:.1f} ms of {1e3 * b['greedy_s']:.1f}; then "
+          f"{1e3 * b['token_step_s']:.2f} ms per token step, of which the output projection alone "
+          f"{1e3 * b['projection_s']:.2f} ms (reading its weight at {b['projection_weight_gb_per_s']:.1f} GB/s)")
   if args.json:
     with open(args.json, "w") as f:
       json.dump(results, f, indent=2)

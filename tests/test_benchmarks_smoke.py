@@ -17,12 +17,14 @@ def test_decode_benchmark_runs(tmp_path):
   out = tmp_path / "decode.json"
   proc = subprocess.run(
       [sys.executable, str(REPO / "benchmarks" / "decode.py"), "--tiny", "--batch", "4", "--inputs-length", "16",
-       "--new-tokens", "4", "--repeats", "1", "--json", str(out)],
+       "--new-tokens", "4", "--repeats", "1", "--json", str(out), "--breakdown"],
       capture_output=True, text=True, cwd=REPO, timeout=120)
   assert proc.returncode == 0, proc.stdout + proc.stderr
   results = json.loads(out.read_text())
   assert results["frameworks"]["t5mix"]["tokens_per_s"] > 0
   assert "t5mix" in proc.stdout and "tokens/s" in proc.stdout
+  breakdown = results["t5mix_breakdown"]
+  assert 0 < breakdown["prefill_s"] < breakdown["greedy_s"] and breakdown["projection_weight_gb_per_s"] > 0
   if "hf_torch" in results["frameworks"]:  # same weights, float32: greedy outputs should agree
     assert results["frameworks"]["hf_torch"]["tokens_per_s"] > 0
     assert 0.0 <= results["agreement"]["token_fraction"] <= 1.0

@@ -77,8 +77,9 @@ def t5mix_breakdown(model: T5, enc: np.ndarray, new_tokens: int, repeats: int) -
   runners = {"prefill": lambda: jax.block_until_ready(prefill(state, inputs)),
              "greedy": t5mix_runner(model, enc, new_tokens),
              "projection": lambda: jax.block_until_ready(project(hidden, weight))}
-  for run in runners.values():
-    run(), run()
+  for run in runners.values():  # compile, then warm up
+    run()
+    run()
   times = {k: statistics.median(v) for k, v in interleaved_times(runners, repeats).items()}
   step = (times["greedy"] - times["prefill"]) / max(1, new_tokens - 1)
   return {"prefill_s": times["prefill"], "greedy_s": times["greedy"], "token_step_s": step,

@@ -27,7 +27,6 @@ import train_throughput as tt  # noqa: E402  (sets the environment, puts t5mix o
 from t5mix.model import T5Config  # noqa: E402
 
 
-
 def op_names(hlo_text: str) -> dict[str, tuple[str, str]]:
   """HLO instruction name -> (result shape, jax op_name) from the compiled module's text."""
   pattern = r'^\s*(?:ROOT )?%?([\w.\-]+) = (\S+) .*?metadata=\{op_name="([^"]*)"'

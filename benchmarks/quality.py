@@ -136,9 +136,9 @@ def table(bench: Bench, rows: list[tuple]) -> list[str]:
   return lines
 
 
-def write_results(path: str, command: str, lines: list[str]) -> None:
-  """Replaces the part of `path` between the quality markers (appends it the first time)."""
-  begin, end = "<!-- quality:begin -->", "<!-- quality:end -->"
+def write_results(path: str, command: str, lines: list[str], marker: str = "quality") -> None:
+  """Replaces the part of `path` between the `marker` comments (appends it the first time)."""
+  begin, end = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
   block = "\n".join([begin, f"Command: `{command}`", "", *lines, end])
   text = open(path).read() if os.path.exists(path) else ""
   if begin in text:

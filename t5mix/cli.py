@@ -8,7 +8,9 @@ user's input prints `t5mix: error: <one line>` and exits with status 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
+import shlex
 import sys
 
 from t5mix import eval_cli  # light: parsers and commands of eval/predict/embed
@@ -23,8 +25,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
   group.add_argument("--module", action="append", default=[], metavar="NAME",
                      help="Python module (dotted name or .py file) that registers tasks (repeatable)")
   group.add_argument("--vocab", metavar="PATH",
-                     help="vocabulary of tasks that name none: a SentencePiece .model, 'byte' or "
-                          "'demo' (default: $T5MIX_VOCAB or byte)")
+                     help="the vocabulary every task is tokenised with: a SentencePiece .model, "
+                          "'byte', 'demo' or 't5' (default: a workdir's or --init-from's, else "
+                          "what each task names; $T5MIX_VOCAB or byte for tasks that name none)")
   group.add_argument("--tfds-data-dir", metavar="DIR",
                      help="where TFDS datasets are prepared (default: $TFDS_DATA_DIR or ~/tensorflow_datasets)")
 
@@ -55,14 +58,20 @@ def build_parser() -> argparse.ArgumentParser:
 
   p = sub.add_parser("show", help="print examples of a task, or the rate table of a mixture",
                      description="For a task: the first N examples as inputs -> targets with token "
-                                 "lengths. For a mixture: each task's examples, capped examples, "
-                                 "rate and expected examples per 1,000 sampled.")
+                                 "lengths, then how many examples of the split the lengths cut "
+                                 "(for QA also how many lose the answer). For a mixture: each "
+                                 "task's examples, capped examples, rate and expected examples per "
+                                 "1,000 sampled.")
   p.add_argument("name", help="task or mixture name")
   p.add_argument("--split", default="train", help="split to show (default: train)")
   p.add_argument("-n", type=int, default=5, help="number of examples (default: 5)")
   p.add_argument("--plot", metavar="FILE.png", help="mixture: also write a bar chart of the rates")
   p.add_argument("--inputs-length", type=int, default=128,
-                 help="span-corruption tasks: inputs length that sets the chunk size (default: 128)")
+                 help="inputs length to count truncation against; for span-corruption tasks, the "
+                      "one that sets the chunk size (default: 128, as data.inputs_length)")
+  p.add_argument("--targets-length", type=int, default=32,
+                 help="targets length to count truncation against (default: 32, as "
+                      "data.targets_length)")
   _common(p)
 
   p = sub.add_parser("train", help="train a model on a task or mixture",
@@ -81,16 +90,20 @@ def build_parser() -> argparse.ArgumentParser:
   _distributed_flags(p)
   _common(p)
 
-  p = sub.add_parser("import-hf", help="make a workdir from a HuggingFace T5 checkpoint directory",
+  p = sub.add_parser("import-hf", help="make a workdir from a HuggingFace T5 checkpoint",
                      description="Read config.json + model.safetensors (never pickle) of a T5 v1.0, "
                                  "v1.1, flan-t5 or mT5 checkpoint; write model.yaml, spiece.model "
                                  "and a step-0 parameter checkpoint into --out.")
-  p.add_argument("hf_dir")
+  p.add_argument("hf_dir", metavar="HF_DIR_OR_NAME",
+                 help="a checkpoint directory, or a HuggingFace Hub name (google/flan-t5-small, "
+                      "optionally @REVISION) taken from the HF cache (HF_HOME, HF_HUB_CACHE) or "
+                      "downloaded into it unless HF_HUB_OFFLINE=1")
   p.add_argument("--out", required=True, metavar="WORKDIR")
 
   p = sub.add_parser("export-hf", help="write a workdir's parameters as a HuggingFace T5 directory",
-                     description="Write config.json + model.safetensors (+ spiece.model) loadable "
-                                 "by transformers' T5ForConditionalGeneration.")
+                     description="Write config.json + model.safetensors (+ spiece.model and "
+                                 "tokenizer files) loadable by transformers' "
+                                 "T5ForConditionalGeneration and AutoTokenizer.")
   p.add_argument("--workdir", required=True)
   p.add_argument("--out", required=True, metavar="HF_DIR")
   p.add_argument("--checkpoint", metavar="STEP", help="checkpoint step (default: latest)")
@@ -129,22 +142,40 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load_definitions(args) -> None:
+  """Registers the built-in definitions and the user's: flags, the run config, and for
+  eval/predict/embed the workdir's config.yaml. Sets the vocabulary every task tokenises with:
+  --vocab, or the workdir's (`train` decides its own: train.decide_vocabulary)."""
+  from t5mix import config as config_lib
   from t5mix import definitions, registry
-  tasks_dir, modules = list(getattr(args, "tasks_dir", [])), list(getattr(args, "module", []))
+  from t5mix import vocab as vocab_lib
+  tasks_dir = [os.path.abspath(p) for p in getattr(args, "tasks_dir", [])]
+  modules = [os.path.abspath(m) if m.endswith(".py") else m for m in getattr(args, "module", [])]
   vocab = getattr(args, "vocab", None)
+  if vocab not in (None, *vocab_lib.NAMES):
+    vocab = os.path.abspath(vocab)
   if getattr(args, "workdir_config", False):  # eval/predict/embed: the run's own config.yaml
     args.config, vocab = eval_cli.workdir_definitions(args.workdir, vocab)
-  if getattr(args, "config", None):  # a run config may name its own definitions
-    from t5mix import config as config_lib
+  c = None
+  if args.command == "train" or getattr(args, "config", None):  # a run config names definitions
     c = config_lib.load(args.config, getattr(args, "set", []))
-    tasks_dir += c.data.tasks_dir
-    modules += c.data.module
-    vocab = vocab or c.data.vocab
+    tasks_dir += [os.path.abspath(p) for p in c.data.tasks_dir]
+    modules += [os.path.abspath(m) if m.endswith(".py") else m for m in c.data.module]
   if getattr(args, "tfds_data_dir", None):
     registry.TFDS_DATA_DIR = args.tfds_data_dir
-  if vocab:
-    registry.DEFAULT_VOCABULARY = vocab if vocab in ("byte", "demo") else os.path.abspath(vocab)
   definitions.load(tasks_dir, modules)
+  if args.command == "train":  # the run saves them all in its config.yaml, for eval and resume
+    args.run_config = dataclasses.replace(c, data=dataclasses.replace(
+        c.data, tasks_dir=list(dict.fromkeys(tasks_dir)), module=list(dict.fromkeys(modules)),
+        vocab=vocab or c.data.vocab))
+    return
+  if vocab:
+    registry.RUN_VOCABULARY = vocab_lib.get_vocabulary(vocab)
+    vocab_lib.check_vocabulary(registry.RUN_VOCABULARY)
+  if c is not None and getattr(args, "workdir_config", False):
+    edited = definitions.changed_files(c.data.hashes)
+    if edited:
+      print(f"note: edited since {args.workdir}'s run was trained: {', '.join(edited)}",
+            file=sys.stderr)
 
 
 def _import_quietly() -> None:
@@ -179,9 +210,14 @@ def main(argv: list[str] | None = None) -> int:
   except UserError as e:
     print(f"t5mix: error: {e}", file=sys.stderr)
     return 2
-  except KeyboardInterrupt:
-    print("t5mix: interrupted", file=sys.stderr)
-    return 130
+  except KeyboardInterrupt as e:  # Ctrl-C; in train also SIGTERM (train.Interrupted)
+    signal_name = getattr(e, "signal_name", "SIGINT")
+    if args.command == "train":  # outside the loop's save-and-exit: say what a rerun does
+      from t5mix import train
+      print(f"t5mix: {train.interrupted_message(args.workdir, signal_name)}", file=sys.stderr)
+    else:
+      print("t5mix: interrupted", file=sys.stderr)
+    return 143 if signal_name == "SIGTERM" else 130
 
 
 def cmd_tasks(args) -> int:
@@ -189,7 +225,7 @@ def cmd_tasks(args) -> int:
   from t5mix import mixing
   from t5mix.errors import UserError
 
-  rows = []
+  rows, errors = [], []
   for name in sorted(seqio.TaskRegistry.names()):
     task = seqio.TaskRegistry.get(name)
     spec = getattr(task, "t5mix_spec", None)
@@ -201,9 +237,14 @@ def cmd_tasks(args) -> int:
           n = task.num_input_examples(split)
           count = f"{n:,}" if n is not None else "?"
         except UserError as e:
+          # An unprepared TFDS dataset is normal (the built-in ones are until `tfds build`).
           count = "not prepared" if "not prepared" in str(e) else "error"
+          reason = str(e) if f"task {name!r}" in str(e) else f"task {name!r}: {e}"
+          if count == "error" and reason not in errors:  # splits of one file fail alike
+            errors.append(reason)
       splits.append(f"{split}={count}")
-    metrics = ",".join(f.__name__ for f in task.metric_fns) or "-"
+    # The names a definition's `metrics:` takes; a plain seqio task's are its functions' names.
+    metrics = ",".join(spec.metric_names if spec else [f.__name__ for f in task.metric_fns]) or "-"
     rows.append((name, spec.kind if spec else "seqio", spec.source_description if spec else
                  type(task.source).__name__, " ".join(splits), metrics))
   _print_table(("task", "kind", "source", "splits", "metrics"), rows)
@@ -222,7 +263,9 @@ def cmd_tasks(args) -> int:
     rows.append((name, rate, ", ".join(entries)))
   _print_table(("mixture", "rate", "tasks"), rows)
   del mixing
-  return 0
+  for error in errors:  # after the tables, so that the reasons are the last lines one sees
+    print(f"t5mix: error: {error}", file=sys.stderr)
+  return 2 if errors else 0
 
 
 def cmd_show(args) -> int:
@@ -253,6 +296,11 @@ def _show_task(task, args) -> int:
     inputs, targets = ex["inputs"], ex["targets"]
     print(f"[{i}] inputs ({len(inputs)} tokens): {vocab.decode(inputs.tolist())}")
     print(f"    targets ({len(targets)} tokens): {vocab.decode(targets.tolist())}")
+  from t5mix import input_pipeline
+  truncation = input_pipeline.count_truncation(
+      task, args.split, {"inputs": args.inputs_length, "targets": args.targets_length})
+  if truncation:  # span corruption has none: its chunks fit by construction
+    print(truncation.describe())
   return 0
 
 
@@ -322,18 +370,22 @@ def _print_table(header, rows, right=()) -> None:
 
 
 def cmd_train(args) -> int:
-  from t5mix import config as config_lib
   from t5mix import train
-  c = config_lib.load(args.config, args.set)
-  train.train(c, args.workdir, init_from=args.init_from, quiet=args.quiet)
+  with train.sigterm_interrupts():  # reported like Ctrl-C, not a silent end
+    train.train(args.run_config, args.workdir, init_from=args.init_from, quiet=args.quiet)
   return 0
 
 
 def cmd_import_hf(args) -> int:
   from t5mix import convert
   path = convert.import_hf(args.hf_dir, args.out)
-  print(f"wrote {path}; fine-tune with: t5mix train --set model={os.path.join(args.out, 'model.yaml')} "
-        f"--init-from {args.out}")
+  out = shlex.quote(args.out)
+  if os.path.exists(os.path.join(args.out, "spiece.model")):
+    source = f"the model and its vocabulary come from {out}"
+  else:  # the HF checkpoint had no spiece.model
+    source = f"the model comes from {out}; name its vocabulary with --vocab FILE.model"
+  print(f"wrote {path}; fine-tune with: t5mix train --init-from {out} --set data.mixture=NAME "
+        f"--workdir RUN ({source})")
   return 0
 
 

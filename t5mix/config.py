@@ -7,13 +7,12 @@ error naming the key. The resolved config is written to the workdir as `config.y
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
 from typing import Any
 
 import yaml
 
-from t5mix.errors import UserError
+from t5mix.errors import UserError, did_you_mean
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
@@ -49,7 +48,11 @@ class DataConfig:
   shuffle: bool = True
   tasks_dir: list = dataclasses.field(default_factory=list)  # extra definitions, like --tasks-dir
   module: list = dataclasses.field(default_factory=list)     # like --module
-  vocab: str | None = None         # like --vocab
+  vocab: str | None = None         # the run's one vocabulary, like --vocab: a SentencePiece .model,
+                                   # "byte", "demo" or "t5"; default: the --init-from workdir's,
+                                   # else the one its tasks name (they must agree)
+  hashes: dict = dataclasses.field(default_factory=dict)  # written by train: {file: content hash}
+                                   # of the definitions and vocabulary, to notice later edits
 
 
 @dataclasses.dataclass
@@ -78,7 +81,8 @@ class MeshConfig:
 
 @dataclasses.dataclass
 class TrainConfig:
-  model: str = "mini"              # configs/model/<name>.yaml or a path
+  model: str | None = None         # configs/model/<name>.yaml or a path; default: the
+                                   # --init-from workdir's model.yaml, else "mini"
   model_overrides: dict = dataclasses.field(default_factory=dict)  # e.g. {dropout_rate: 0.0}
   steps: int = 400
   seed: int = 0
@@ -126,8 +130,7 @@ def from_dict(cls, d: dict, prefix: str = ""):
   kwargs = {}
   for key, value in d.items():
     if key not in fields:
-      close = difflib.get_close_matches(str(key), fields, n=1)
-      hint = f" (did you mean {prefix + close[0]!r}?)" if close else ""
+      hint = did_you_mean(key, fields, lambda close: repr(prefix + close))
       raise UserError(f"unknown config key {prefix + str(key)!r}{hint}")
     f = fields[key]
     if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory):
@@ -156,6 +159,7 @@ def load(path: str | None = None, overrides: list[str] = ()) -> TrainConfig:
     d = read_yaml(path) or {}
     if not isinstance(d, dict):
       raise UserError(f"{path}: a config must be a mapping of keys")
+    _resolve_paths(d, os.path.dirname(os.path.abspath(path)))
   for item in overrides:
     if "=" not in item:
       raise UserError(f"--set {item!r}: expected key=value")
@@ -171,6 +175,30 @@ def load(path: str | None = None, overrides: list[str] = ()) -> TrainConfig:
     raise UserError(f"{path}: {e}" if path else str(e)) from None
   validate(config)
   return config
+
+
+def _is_path(value) -> bool:
+  return isinstance(value, str) and (os.sep in value or value.endswith((".yaml", ".yml", ".py",
+                                                                         ".model")))
+
+
+def _resolve_paths(d: dict, base_dir: str) -> None:
+  """Relative paths in a config file name files beside it (as in task files); --set values and
+  names (a model size, a dotted module, "byte"/"demo"/"t5") are left as they are."""
+  def resolve(value, always=False):
+    if isinstance(value, str) and (always or _is_path(value)):
+      return os.path.join(base_dir, os.path.expanduser(value))
+    return value
+  if "model" in d:
+    d["model"] = resolve(d["model"])
+  data = d.get("data")
+  if isinstance(data, dict):
+    if isinstance(data.get("tasks_dir"), list):
+      data["tasks_dir"] = [resolve(v, always=True) for v in data["tasks_dir"]]
+    if isinstance(data.get("module"), list):
+      data["module"] = [resolve(v) for v in data["module"]]
+    if data.get("vocab") not in ("byte", "demo", "t5"):
+      data["vocab"] = resolve(data.get("vocab"), always=True)
 
 
 def validate(c: TrainConfig) -> None:
@@ -209,7 +237,8 @@ def save(c: TrainConfig, path: str) -> None:
     yaml.safe_dump(to_dict(c), f, sort_keys=False)
 
 
-def _read_saved(path: str) -> dict:
+def read_saved(path: str) -> dict:
+  """The config saved at `path` (a workdir's config.yaml) as a mapping; {} if none or unreadable."""
   try:
     with open(path) as f:
       saved = yaml.safe_load(f)
@@ -227,7 +256,7 @@ def resolve(c: TrainConfig, saved_path: str | None = None) -> TrainConfig:
   """
   if c.optimizer.parameter_scale is not None:
     return c
-  saved = (_read_saved(saved_path).get("optimizer") or {}) if saved_path else {}
+  saved = (read_saved(saved_path).get("optimizer") or {}) if saved_path else {}
   scale = saved.get("parameter_scale") if isinstance(saved, dict) else None
   if not isinstance(scale, bool):
     scale = c.finetune.strategy not in ("adapters", "lora")
@@ -240,12 +269,14 @@ def changes_since(path: str, c: TrainConfig) -> list[str]:
   def flat(d, prefix=""):
     out = {}
     for k, v in (d or {}).items():
+      if k == "hashes":  # files, not settings: train notes edited files by name
+        continue
       if isinstance(v, dict) and v and k != "model_overrides":
         out.update(flat(v, f"{prefix}{k}."))
       else:
         out[prefix + str(k)] = v
     return out
-  saved = flat(_read_saved(path))
+  saved = flat(read_saved(path))
   if not saved:
     return []
   now = flat(to_dict(c))

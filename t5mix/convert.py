@@ -1,4 +1,4 @@
-"""HuggingFace T5 directories ↔ t5mix workdirs (`t5mix import-hf` / `t5mix export-hf`).
+"""HuggingFace T5 directories (or Hub names) ↔ t5mix workdirs (`t5mix import-hf` / `t5mix export-hf`).
 
 An imported workdir holds `model.yaml`, the vocabulary as `spiece.model` (when the HF directory
 has one) and a step-0 checkpoint of parameters only, so `t5mix train --init-from WORKDIR` and
@@ -18,13 +18,12 @@ from t5mix.model import T5, T5Config, load_model_config, save_model_config
 
 
 def import_hf(hf_dir: str, workdir: str) -> str:
-  """Writes a t5mix workdir from a HuggingFace T5 directory; returns the checkpoint path."""
+  """Writes a t5mix workdir from a HuggingFace T5 directory or Hub name; returns the checkpoint path."""
   ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
   if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
     raise UserError(f"{workdir}: already holds checkpoints; import into a new workdir")
+  config, params = hf_interop.load_hf_checkpoint(hf_interop.checkpoint_dir(hf_dir), copy_vocab_to=workdir)
   os.makedirs(workdir, exist_ok=True)
-  config, params = hf_interop.load_hf_checkpoint(
-      hf_dir, copy_vocab_to=os.path.join(workdir, hf_interop.VOCAB_FILE))
   model = T5.from_params(config, params)
   _, state = nnx.split(model, nnx.Param)
   save_model_config(config, os.path.join(workdir, "model.yaml"))
@@ -50,7 +49,7 @@ def load_workdir_params(workdir: str, checkpoint: str | None = None) -> tuple[T5
 
 def export_hf(workdir: str, out_dir: str, checkpoint: str | None = None,
               vocab_file: str | None = None) -> None:
-  """Writes config.json + model.safetensors (+ spiece.model) for HuggingFace T5."""
+  """Writes config.json + model.safetensors (+ spiece.model and tokenizer files) for HuggingFace T5."""
   config, model = load_workdir_params(workdir, checkpoint)
   if config.adapter_size:
     raise UserError(f"{workdir}: the model has adapter layers, which HuggingFace T5 does not have; "

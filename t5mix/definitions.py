@@ -9,8 +9,9 @@ A definitions YAML file holds any of these top-level keys:
     tasks:    [ {name: ..., kind: ..., ...}, ... ]      # see registry.TaskSpec
     mixtures: [ {name: ..., tasks: [...], ...}, ... ]   # see mixing.MixtureSpec
 
-Relative paths inside a file resolve against that file's directory. YAML is read with
-`yaml.safe_load`, which cannot run code.
+Relative paths inside a file resolve against that file's directory. YAML is read as
+`yaml.safe_load` reads it (no code runs), keeping the line of every key, so that a mistake in a
+definition is reported as `file:line: task 'NAME': key 'KEY': ...`.
 """
 
 from __future__ import annotations
@@ -20,11 +21,13 @@ import importlib
 import importlib.util
 import os
 import sys
+from typing import Any
 
 import yaml
 
 from t5mix import mixing, registry
-from t5mix.errors import UserError
+from t5mix import vocab as vocab_lib
+from t5mix.errors import UserError, did_you_mean, where
 
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUILTIN_DIRS = (os.path.join(PROJECT_ROOT, "tasks"), os.path.join(PROJECT_ROOT, "mixtures"))
@@ -34,6 +37,12 @@ _loaded: set[str] = set()
 
 
 def read_yaml(path: str):
+  """The document of a YAML file, as `yaml.safe_load` reads it; errors name the line."""
+  return read_yaml_with_lines(path)[0]
+
+
+def read_yaml_with_lines(path: str) -> tuple[Any, dict[str, int]]:
+  """(document, {key path: line}) of a YAML file; see `_key_lines` for the key paths."""
   if not os.path.exists(path):
     raise UserError(f"{path}: file does not exist")
   if os.path.isdir(path):
@@ -50,8 +59,13 @@ def read_yaml(path: str):
   except UnicodeDecodeError as e:
     line = data[:e.start].count(b"\n") + 1
     raise UserError(f"{path}:{line}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+  # What yaml.safe_load does (SafeLoader.get_single_data), keeping the composed node tree, whose
+  # start marks say where each key is.
+  loader = None
   try:
-    return yaml.safe_load(text)
+    loader = yaml.SafeLoader(text)  # checks for unprintable characters already
+    node = loader.get_single_node()
+    doc = loader.construct_document(node) if node is not None else None
   except yaml.YAMLError as e:
     mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
     if mark is not None:
@@ -62,32 +76,66 @@ def read_yaml(path: str):
       line = ""
     problem = getattr(e, "problem", None) or getattr(e, "reason", None) or str(e).splitlines()[0]
     raise UserError(f"{path}{line}: invalid YAML ({problem})") from None
+  finally:
+    if loader is not None:
+      loader.dispose()
+  return doc, _key_lines(node)
+
+
+def _key_lines(node, prefix: str = "", lines: dict | None = None, seen: set | None = None) -> dict:
+  """{key path: 1-based line} of every mapping key and sequence item under `node`.
+
+  Paths as in `tasks[0].splits.train`. A node reached again through a YAML alias is not walked
+  again (aliases can make a document recursive or exponentially large), so keys inside it have
+  only their first path. A key given twice has its last line, as its value is the last one.
+  """
+  lines = {} if lines is None else lines
+  seen = set() if seen is None else seen
+  if id(node) in seen or not isinstance(node, (yaml.MappingNode, yaml.SequenceNode)):
+    return lines
+  seen.add(id(node))
+  if isinstance(node, yaml.MappingNode):  # merge keys (<<) are already flattened by construction
+    children = [(f"{prefix}.{key.value}" if prefix else str(key.value), key, value)
+                for key, value in node.value]
+  else:
+    children = [(f"{prefix}[{i}]", item, item) for i, item in enumerate(node.value)]
+  for path, marker, child in children:
+    lines[path] = marker.start_mark.line + 1
+    _key_lines(child, path, lines, seen)
+  return lines
 
 
 def _parse_file(path: str) -> tuple[list[registry.TaskSpec], list[mixing.MixtureSpec]]:
-  doc = read_yaml(path)
+  doc, lines = read_yaml_with_lines(path)
+  at = lambda key: where(path, lines.get(key))  # noqa: E731
   if doc is None:
     raise UserError(f"{path}: file is empty (expected a mapping with keys {', '.join(FILE_KEYS)})")
   if not isinstance(doc, dict):
     raise UserError(f"{path}: expected a mapping with keys {', '.join(FILE_KEYS)}")
   for key in doc:
     if key not in FILE_KEYS:
-      raise UserError(f"{path}: unknown top-level key {key!r}; expected {', '.join(FILE_KEYS)}")
+      raise UserError(f"{at(str(key))}: unknown top-level key {key!r}"
+                      f"{did_you_mean(key, FILE_KEYS)}; expected {', '.join(FILE_KEYS)}")
   base_dir = os.path.dirname(os.path.abspath(path))
   tasks, mixtures = [], []
   for kind, items in (("tasks", doc.get("tasks")), ("mixtures", doc.get("mixtures"))):
     if items is None:
       continue
     if not isinstance(items, list):
-      raise UserError(f"{path}: key {kind!r} must be a list")
+      raise UserError(f"{at(kind)}: key {kind!r} must be a list")
     for i, item in enumerate(items):
-      origin = f"{path}: {kind}[{i}]"
+      prefix = f"{kind}[{i}]."
+      key_origins = {key[len(prefix):]: where(path, line) for key, line in lines.items()
+                     if key.startswith(prefix)}
       if kind == "tasks":
         if isinstance(item, dict) and "vocabulary" not in item and doc.get("vocabulary"):
           item = {**item, "vocabulary": doc["vocabulary"]}
-        tasks.append(registry.TaskSpec.from_dict(item, origin=origin, base_dir=base_dir))
+          key_origins["vocabulary"] = at("vocabulary")
+        tasks.append(registry.TaskSpec.from_dict(item, origin=at(f"{kind}[{i}]"), base_dir=base_dir,
+                                                 key_origins=key_origins))
       else:
-        mixtures.append(mixing.MixtureSpec.from_dict(item, origin=origin))
+        mixtures.append(mixing.MixtureSpec.from_dict(item, origin=at(f"{kind}[{i}]"),
+                                                     key_origins=key_origins))
   return tasks, mixtures
 
 
@@ -177,3 +225,24 @@ def _add_mixtures(specs: list[mixing.MixtureSpec]) -> None:
 
   for name in by_name:
     add(name)
+
+
+def file_hashes(paths: list[str] = (), modules: list[str] = (), vocab: str | None = None
+                ) -> dict[str, str]:
+  """{absolute file: content hash} of definitions files (directories expanded), module files and
+  a vocabulary file, as a run records them (data.hashes) to notice later edits."""
+  files = []
+  for path in paths:
+    yamls, pys = _expand(path)
+    files += yamls + pys
+  files += [m for m in modules if m.endswith(".py")]
+  if vocab and os.path.isfile(vocab):
+    files.append(vocab)
+  return {os.path.abspath(f): vocab_lib.file_hash(f) for f in files if os.path.isfile(f)}
+
+
+def changed_files(saved: dict[str, str]) -> list[str]:
+  """The files of `saved` (a run's data.hashes) that were edited or deleted since."""
+  return [f"{path} ({'edited' if os.path.isfile(path) else 'deleted'})"
+          for path, digest in sorted(saved.items())
+          if not os.path.isfile(path) or vocab_lib.file_hash(path) != digest]

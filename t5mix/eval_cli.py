@@ -16,9 +16,12 @@ def add_parsers(sub, common) -> None:
   p = sub.add_parser(
       "eval", help="score a run's checkpoints on its tasks' validation metrics",
       description="Decode every task of the run's mixture that has metrics and the split, on each "
-                  "chosen checkpoint; print a table (steps x tasks, * = best checkpoint per task) "
-                  "and the average of task means; write eval/results.json and eval/metrics.png "
-                  "into the workdir. A checkpoint that cannot be restored is skipped.")
+                  "chosen checkpoint; print how many examples the lengths cut, a table (steps x "
+                  "tasks, * = best checkpoint per task; for classification tasks, rows for a "
+                  "constant answer: the train split's majority label and the best single label) "
+                  "and the average of task means, and warn when a checkpoint answers one label "
+                  "for every example; write eval/results.json and eval/metrics.png into the "
+                  "workdir. A checkpoint that cannot be restored is skipped.")
   p.add_argument("--workdir", required=True, help="the run's workdir")
   p.add_argument("--checkpoints", default="all", metavar="all|latest|N,M",
                  help="which checkpoints (default: all)")
@@ -72,21 +75,15 @@ def add_parsers(sub, common) -> None:
 
 
 def workdir_definitions(workdir: str, vocab: str | None) -> tuple[str | None, str | None]:
-  """(the run's config.yaml or None, vocabulary default) for a workdir command.
-
-  A workdir from `t5mix import-hf` has no config.yaml but may hold spiece.model: that becomes the
-  default vocabulary unless --vocab or the config names one.
-  """
-  from t5mix import config as config_lib
+  """(the run's config.yaml or None, the vocabulary to tokenise with) for a workdir command:
+  --vocab if given, else the workdir's own (its spiece.model, else its config's data.vocab;
+  a workdir from `t5mix import-hf` has spiece.model and no config.yaml)."""
   from t5mix import evaluate
+  from t5mix import vocab as vocab_lib
   evaluate.check_workdir(workdir)
   config_path = os.path.join(workdir, "config.yaml")
   config_path = config_path if os.path.exists(config_path) else None
-  spiece = os.path.join(workdir, "spiece.model")
-  if vocab is None and os.path.exists(spiece) and (
-      config_path is None or config_lib.load(config_path).data.vocab is None):
-    vocab = spiece
-  return config_path, vocab
+  return config_path, vocab or vocab_lib.workdir_vocabulary(workdir)
 
 
 def cmd_eval(args) -> int:

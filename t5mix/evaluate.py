@@ -13,7 +13,10 @@ entities; an unreadable prediction scores as wrong) and its metric functions (t5
 
 A task's score is the mean of its metrics, and the run's score is the mean of the task scores
 (`metrics.glue_average`, T5's GLUE average); `t5mix eval` reports it for the best checkpoint of
-each task and for the single best checkpoint.
+each task and for the single best checkpoint. Beside them it reports what a constant answer scores
+on each classification task (`Evaluator.baselines`), warns when a checkpoint answers one label for
+every example, and counts the examples that `inputs_length`/`targets_length` cut
+(`input_pipeline.count_truncation`).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import json
 import os
 import sys
 import time
+from collections import Counter
 from typing import Any, Callable, Sequence
 
 import jax
@@ -31,7 +35,7 @@ import seqio
 from flax import nnx
 
 from t5mix import config as config_lib
-from t5mix import decode, input_pipeline, metrics
+from t5mix import decode, input_pipeline, metrics, registry
 from t5mix.errors import UserError
 from t5mix.model import T5, T5Config, load_model_config
 
@@ -239,11 +243,34 @@ def eval_tasks(names: Sequence[str], split: str, *, explicit: bool,
   return chosen
 
 
+def label_words(task: seqio.Task) -> dict[Any, str] | None:
+  """{label: word} of a classification task (labels as its postprocessor makes them), else None."""
+  spec = getattr(task, "t5mix_spec", None)
+  if spec is None or spec.kind != "classification":
+    return None
+  return {task.postprocess_fn(word, is_target=True): word
+          for word in dict.fromkeys(spec.label_map.values())}
+
+
+class _Predictions(seqio.Logger):
+  """Keeps the postprocessed predictions of the last evaluation (seqio hands them to loggers)."""
+
+  def __init__(self, output_dir):
+    super().__init__(output_dir)
+    self.predictions: list = []
+
+  def __call__(self, task_name, step, metrics, dataset, inferences, targets):
+    del task_name, step, metrics, dataset, targets
+    self.predictions = list((inferences or {}).get("prediction", []))
+
+
 class Evaluator:
   """Scores parameters on tasks; built once, called per checkpoint (or every eval_every steps).
 
   One seqio.Evaluator per task holds the task's cached examples, model features and
   postprocessed targets; our predict_fn additionally keeps each task's stacked input tokens.
+  After each call, `single_label` names the classification tasks whose predictions were all one
+  label, with that label's word.
   """
 
   def __init__(self, tasks: Sequence[seqio.Task], decoder: Decoder, *, split: str = "validation",
@@ -251,6 +278,8 @@ class Evaluator:
     if max_examples is not None and max_examples < 1:
       raise UserError(f"--max-examples must be at least 1, got {max_examples}")
     self.decoder, self.split = decoder, split
+    self.single_label: dict[str, str] = {}
+    self._tasks = {task.name: task for task in tasks}
     self._inputs: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     self._evaluators: dict[str, seqio.Evaluator] = {}
     converter = seqio.EncDecFeatureConverter(pack=False)  # encoder_input_tokens = the inputs
@@ -259,7 +288,9 @@ class Evaluator:
         evaluator = seqio.Evaluator(
             task.name, converter, eval_split=split, sequence_length=dict(lengths),
             num_examples=max_examples, shuffle=False, use_memory_cache=True,
-            async_compute_metrics=False)
+            async_compute_metrics=False,
+            # seqio wants a directory for its loggers; this one writes nothing
+            logger_cls=[_Predictions], log_dir=os.devnull)
       except UserError:
         raise
       except (ValueError, KeyError) as e:
@@ -294,7 +325,7 @@ class Evaluator:
 
   def evaluate(self, params, step: int | None = None) -> dict[str, dict[str, float]]:
     """{task: {metric: value}} (T5 scale: ×100)."""
-    results = {}
+    results, self.single_label = {}, {}
     for name, evaluator in self._evaluators.items():
       try:
         future, _ = evaluator.evaluate(compute_metrics=True, step=step,
@@ -303,7 +334,36 @@ class Evaluator:
       except ValueError as e:  # a gold target the postprocessor cannot read: a bug in the task
         raise UserError(f"task {name!r}: cannot score ({_first_line(e.__cause__ or e)})") from None
       results[name] = {k: float(getattr(v, "value", v)) for k, v in scores.items()}
+      words = label_words(self._tasks[name])
+      predicted = set(evaluator.loggers[0].predictions) if words else set()
+      if len(predicted) == 1 and next(iter(predicted)) in words:
+        self.single_label[name] = words[predicted.pop()]
     return results
+
+  def baselines(self) -> dict[str, dict[str, dict]]:
+    """{task: metrics.constant_baselines} of the classification tasks, on the evaluated examples:
+    the majority class (the most frequent label of the task's train split, the label a model
+    that learnt nothing but the label shares would answer) and the best constant label of this
+    split (an upper bound for any constant answer). Labels given as words."""
+    baselines = {}
+    for name, evaluator in self._evaluators.items():
+      task = self._tasks[name]
+      words = label_words(task)
+      if not words:
+        continue
+      targets = [task.postprocess_fn(ex["targets_pretokenized"], example=ex, is_target=True)
+                 for ex in evaluator.cached_task_datasets[name].as_numpy_iterator()]
+      majority = None
+      if "train" in task.splits:
+        counts = Counter(row["targets"] for row in registry.examples(task.t5mix_spec, "train"))
+        majority = max(words, key=lambda label: counts[words[label]])  # ties: the first label
+      scores = metrics.constant_baselines(task.predict_metric_fns, targets, list(words), majority)
+      baselines[name] = {kind: {**b, "label": words[b["label"]]} for kind, b in scores.items()}
+    return baselines
+
+
+def single_label_warning(step: int, task: str, word: str) -> str:
+  return f"warning: step {step}: every {task} prediction is {word!r} (a constant answer)"
 
 
 def task_mean(scores: dict[str, float]) -> float:
@@ -352,8 +412,15 @@ def run_eval(workdir: str, options: EvalOptions, *, log: Callable[[str], None] =
                         max_examples=options.max_examples)
   log(f"evaluating {', '.join(f'{n} ({k} examples)' for n, k in evaluator.examples.items())} "
       f"on {options.split!r}, {decoder.description}, at step(s) {', '.join(map(str, steps))}")
+  truncation = {}
+  for task in tasks:  # exactly the evaluated examples: the first evaluator.examples of the split
+    counts = input_pipeline.count_truncation(task, options.split, lengths,
+                                             limit=evaluator.examples[task.name])
+    if counts:
+      truncation[task.name] = counts
+      log(counts.describe())
 
-  by_step, skipped = {}, {}
+  by_step, skipped, single_label = {}, {}, {}
   for step in steps:
     try:
       params = restore_params(workdir, step, abstract)
@@ -365,10 +432,17 @@ def run_eval(workdir: str, options: EvalOptions, *, log: Callable[[str], None] =
     by_step[step] = evaluator.evaluate(params, step)
     log(f"step {step}: average {metrics.glue_average(by_step[step]):.2f} "
         f"({time.time() - start:.1f} s)")
+    single_label[step] = evaluator.single_label
+    for name, word in evaluator.single_label.items():
+      log(single_label_warning(step, name, word))
   if not by_step:
     raise UserError(f"{workdir}: none of the chosen checkpoints could be restored")
 
   results = summarize(by_step)
+  for step, labels in single_label.items():
+    results["steps"][str(step)]["single_label"] = labels
+  results.update(baselines=evaluator.baselines(),
+                 truncation={name: dataclasses.asdict(t) for name, t in truncation.items()})
   results.update(workdir=os.path.abspath(workdir), split=options.split,
                  mixture=run.config.data.mixture if run.config else None,
                  decoding={"beam_size": options.beam_size, "max_decode_len": lengths["targets"],
@@ -410,8 +484,12 @@ def summarize(by_step: dict[int, dict[str, dict[str, float]]]) -> dict:
   }
 
 
+BASELINE_ROWS = {"majority_class": "majority", "best_constant": "constant"}
+
+
 def format_table(results: dict) -> list[str]:
-  """Steps × tasks: each task's metrics and mean (`*`: the task's best checkpoint)."""
+  """Steps × tasks: each task's metrics and mean (`*`: the task's best checkpoint), then rows for
+  the classification tasks' constant-answer baselines."""
   tasks, steps = results["tasks"], results["steps"]
   metric_names = {t: list(dict.fromkeys(m for s in steps.values() for m in s["metrics"].get(t, {})))
                   for t in tasks}
@@ -430,6 +508,16 @@ def format_table(results: dict) -> list[str]:
     single = results["single_best_checkpoint"]["step"] == int(key)
     row.append(f"{entry['average']:.2f}{'*' if single else ' '}")
     rows.append(row)
+  baselines = results.get("baselines", {})
+  for kind, title in BASELINE_ROWS.items():
+    if not any(kind in b for b in baselines.values()):
+      continue
+    row = [title]
+    for t in tasks:
+      b = baselines.get(t, {}).get(kind)
+      row += [f"{b['metrics'][m]:.2f}" if b and m in b["metrics"] else "-" for m in metric_names[t]]
+      row.append(f"{b['mean']:.2f} " if b else "- ")
+    rows.append(row + ["- "])  # an average over only the tasks that have baselines would mislead
   widths = [max(len(str(x)) for x in col) for col in zip(header2, *rows)]
   # The first header line names each task above its group of columns.
   header1, i = [""], 1
@@ -452,11 +540,18 @@ def format_table(results: dict) -> list[str]:
             f"average of task means, best checkpoint per task: {results['average_best_per_task']:.2f}",
             f"average of task means, single best checkpoint (step {single['step']}): "
             f"{single['average']:.2f}"]
+  if baselines:
+    def labels(kind):
+      return ", ".join(f"{t} {b[kind]['label']}" for t, b in baselines.items() if kind in b)
+    lines.append(f"baselines, one label for every example: majority = the most frequent label of "
+                 f"the train split ({labels('majority_class')}); constant = the label that scores "
+                 f"best on this split ({labels('best_constant')})")
   return lines
 
 
 def plot(results: dict, path: str) -> None:
-  """Each task's mean metric (and the average) against step."""
+  """Each task's mean metric (and the average) against step; a star on each task's best
+  checkpoint (and the single best), a dotted line at each best constant-answer baseline."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -465,9 +560,17 @@ def plot(results: dict, path: str) -> None:
   for t in results["tasks"]:
     points = [(s, results["steps"][str(s)]["task_means"][t]) for s in steps
               if t in results["steps"][str(s)]["task_means"]]
-    ax.plot(*zip(*points), marker="o", label=t)
+    line, = ax.plot(*zip(*points), marker="o", label=t)
+    best = results["best_per_task"][t]
+    ax.plot(best["step"], best["mean"], "*", color=line.get_color(), markersize=16)
+    constant = results.get("baselines", {}).get(t, {}).get("best_constant")
+    if constant:
+      ax.axhline(constant["mean"], color=line.get_color(), linestyle=":",
+                 label=f"{t}: constant {constant['label']!r}")
   ax.plot(steps, [results["steps"][str(s)]["average"] for s in steps], "k--", marker="s",
           label="average")
+  single = results["single_best_checkpoint"]
+  ax.plot(single["step"], single["average"], "k*", markersize=16, label="best checkpoint")
   ax.set_xlabel("step")
   ax.set_ylabel("mean metric (×100)")
   ax.set_title(f"{os.path.basename(results.get('workdir', '')) or 'eval'}: {results.get('split', '')}")
@@ -516,4 +619,6 @@ class DuringTraining:
     parts = " | ".join(f"{t} " + " ".join(f"{m} {v:.1f}" for m, v in s.items())
                        for t, s in results.items())
     self.log(f"eval   {step:>6}  average {average:.2f}  ({time.time() - start:.1f} s)  | {parts}")
+    for task, word in self.evaluator.single_label.items():
+      self.log(single_label_warning(step, task, word))
     return {"step": step, "average": average, "metrics": results}

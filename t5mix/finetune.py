@@ -7,7 +7,9 @@ The `finetune` config section picks a strategy:
 - `gradual_unfreezing` — stage 1 trains the top encoder and the top decoder block plus
   `always_trainable` (embedding, lm_head, final norms); every `steps_per_stage` steps one more
   block unfreezes, top-down, in encoder and decoder together, until all train. A stack's
-  `relpos_bias` unfreezes with its block 0 (where HF/Mesh TF keep it).
+  `relpos_bias` unfreezes with its block 0 (where HF/Mesh TF keep it). With `steps_per_stage` 0
+  the run's steps are split into stages differing by at most one optimizer update, the last
+  ending with the run.
 - `adapters` — adds a bottleneck adapter of width `adapter_size` after each FFN (and attention,
   with `adapter_after_attention`; see t5mix/peft.py) and trains only the adapters and layer norms.
 - `lora` — adds LoRA (rank `lora_rank`, scale `lora_alpha / lora_rank`) to `lora_targets` and
@@ -47,6 +49,7 @@ the weights).
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import fnmatch
 import json
@@ -166,12 +169,15 @@ class Plan:
   config: config_lib.TrainConfig
   stage_of: dict[str, int | None]  # dotted path → stage or None
   sizes: dict[str, int]  # dotted path → number of elements
-  num_stages: int  # 1 unless gradual_unfreezing
-  steps_per_stage: int  # train steps
+  stage_starts: tuple[int, ...]  # train steps before each stage: (0,) unless gradual_unfreezing
 
   @property
   def strategy(self) -> str:
     return self.config.finetune.strategy
+
+  @property
+  def num_stages(self) -> int:
+    return len(self.stage_starts)
 
   @property
   def all_trainable_from_start(self) -> bool:
@@ -186,21 +192,37 @@ class Plan:
     """The stage that train step `step` (1-based: the step-th update) ran in; None unless gradual."""
     if self.strategy != "gradual_unfreezing":
       return None
-    return min(1 + max(step - 1, 0) // self.steps_per_stage, self.num_stages)
+    return max(bisect.bisect_left(self.stage_starts, step), 1)  # stages begun before `step`
 
   def start_step(self, stage: int) -> int:
-    return (stage - 1) * self.steps_per_stage
+    return self.stage_starts[stage - 1]
 
   def describe(self) -> str | None:
     total = sum(self.sizes.values())
     count = lambda n: f"{n:,} of {total:,} parameters ({100 * n / total:.2f}%)"  # noqa: E731
     if self.strategy == "gradual_unfreezing":
-      return (f"fine-tuning: gradual unfreezing in {self.num_stages} stages of {self.steps_per_stage} "
-              f"steps; stage 1 trains {count(self.trainable_count(1))}, the last "
-              f"{count(self.trainable_count())} (one compiled train step per stage)")
+      return "\n".join([f"fine-tuning: gradual unfreezing in {self.num_stages} stages (one compiled "
+                        "train step each):"] + [f"  {self.describe_stage(s)}"
+                                                for s in range(1, self.num_stages + 1)])
     if self.strategy == "full" and self.all_trainable_from_start:
       return None
     return f"fine-tuning ({self.strategy}): training {count(self.trainable_count())}"
+
+  def describe_stage(self, stage: int) -> str:
+    """`stage 2/3, steps 4-6: training <blocks> + <the rest> (N of M parameters); frozen: …`."""
+    steps, first = self.config.steps, self.start_step(stage) + 1
+    last = min(self.start_step(stage + 1), steps) if stage < self.num_stages else steps
+    if first > steps:  # an explicit steps_per_stage longer than the run
+      when = f"from step {first}, after this run's {steps} steps"
+    else:
+      when = f"step {first}" if first == last else f"steps {first}-{last}"
+    total, n = sum(self.sizes.values()), self.trainable_count(stage)
+    if n == total:
+      return f"stage {stage}/{self.num_stages}, {when}: training everything ({total:,} parameters)"
+    trains = {p for p, s in self.stage_of.items() if s is not None and s <= stage}
+    return (f"stage {stage}/{self.num_stages}, {when}: training {_name_parts(trains, self.sizes)} "
+            f"({n:,} of {total:,} parameters, {100 * n / total:.2f}%); frozen: "
+            f"{_name_parts(set(self.sizes) - trains, self.sizes)}")
 
   def frozen_in(self, params, stage: int | None = None):
     """A pytree like params: True where the parameter does not train in `stage` (gradual
@@ -262,7 +284,7 @@ def make_plan(c: config_lib.TrainConfig, params) -> Plan:
   if not any(trainable.values()):
     raise UserError("config key 'finetune.trainable': no parameter is trainable")
   if f.strategy != "gradual_unfreezing":
-    return Plan(c, {p: 1 if t else None for p, t in trainable.items()}, sizes, 1, c.steps)
+    return Plan(c, {p: 1 if t else None for p, t in trainable.items()}, sizes, (0,))
 
   n_enc, n_dec = _num_layers(paths, "encoder"), _num_layers(paths, "decoder")
   num_stages = max(n_enc, n_dec)
@@ -274,11 +296,69 @@ def make_plan(c: config_lib.TrainConfig, params) -> Plan:
       stage_of[p] = 1
     else:
       stage_of[p] = _unfreeze_stage(p, {"encoder": n_enc, "decoder": n_dec}, num_stages)
-  steps_per_stage = f.steps_per_stage
-  if not steps_per_stage:
-    accum = c.optimizer.grad_accum_steps
-    steps_per_stage = max(c.steps // num_stages // accum, 1) * accum
-  return Plan(c, stage_of, sizes, num_stages, steps_per_stage)
+  if f.steps_per_stage:
+    return Plan(c, stage_of, sizes, tuple(s * f.steps_per_stage for s in range(num_stages)))
+  # steps / stages, in whole optimizer updates: stages differ by at most one update, and the last
+  # one ends with the run.
+  accum = c.optimizer.grad_accum_steps
+  updates = c.steps // accum
+  if updates < num_stages:
+    need = f"{num_stages} steps" if accum == 1 else \
+        f"{num_stages * accum} steps ({num_stages} x optimizer.grad_accum_steps {accum})"
+    raise UserError(f"config key 'steps' ({c.steps}) is too few for gradual unfreezing: this model "
+                    f"has {num_stages} stages (one per block) and needs at least {need}, so that "
+                    "every stage trains; raise steps or set finetune.steps_per_stage")
+  return Plan(c, stage_of, sizes, tuple(s * updates // num_stages * accum for s in range(num_stages)))
+
+
+STACKS = ("encoder", "decoder")
+SHARED_PARTS = {"final_norm": ("final norm", "final norms"),  # a stack's non-block parameters
+                "relpos_bias": ("relative position bias", "relative position biases")}
+
+
+def _name_parts(chosen: set[str], sizes: dict[str, int]) -> str:
+  """Words for a set of parameter paths: whole stacks (`encoder`), block ranges (`decoder blocks
+  0-3`), then the other parameters (`embedding, lm_head, final norms`) after a `+`."""
+  groups: dict[tuple, list[str]] = {}  # (stack, block number) or (stack, name) or (name,) → paths
+  for p in sizes:
+    parts = p.split(".")
+    if parts[0] in STACKS:
+      groups.setdefault((parts[0], int(parts[2]) if parts[1] == "layers" else parts[1]), []).append(p)
+    else:
+      groups.setdefault((parts[0],), []).append(p)
+  whole = {g for g, paths in groups.items() if all(p in chosen for p in paths)}
+  blocks, others = [], []
+  for stack in STACKS:
+    mine = [g for g in groups if g[0] == stack and len(g) == 2]
+    if mine and all(g in whole for g in mine):
+      blocks.append(stack)
+      continue
+    numbers = sorted(g[1] for g in mine if isinstance(g[1], int) and g in whole)
+    if numbers:
+      blocks.append(f"{stack} {_block_range(numbers)}")
+    partly = sorted(g[1] for g in mine if isinstance(g[1], int) and g not in whole
+                    and any(p in chosen for p in groups[g]))
+    if partly:  # `finetune.trainable` globs that cut through blocks
+      blocks.append(f"part of {stack} {_block_range(partly)}")
+    others += [f"{stack} {SHARED_PARTS.get(g[1], (g[1],))[0]}" for g in mine
+               if not isinstance(g[1], int) and any(p in chosen for p in groups[g])]
+  others = [g[0] for g in groups if len(g) == 1 and g in whole] + others
+  for part, (one, both) in SHARED_PARTS.items():  # "encoder final norm, decoder final norm"
+    pair = [f"{stack} {one}" for stack in STACKS]
+    if all(x in others for x in pair):
+      others = [x for x in others if x != pair[1]]
+      others[others.index(pair[0])] = both
+  if blocks and others:
+    return f"{', '.join(blocks)} + {', '.join(others)}"
+  return ", ".join(blocks or others)
+
+
+def _block_range(numbers: list[int]) -> str:
+  if len(numbers) == 1:
+    return f"block {numbers[0]}"
+  if numbers == list(range(numbers[0], numbers[-1] + 1)):
+    return f"blocks {numbers[0]}-{numbers[-1]}"
+  return "blocks " + ", ".join(map(str, numbers))
 
 
 def _unfreeze_stage(path: str, layers: dict[str, int], num_stages: int) -> int:

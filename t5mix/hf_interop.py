@@ -1,25 +1,36 @@
 """HuggingFace T5 checkpoints (config.json + model.safetensors) to and from our parameters.
 
 Covers T5 v1.0 (relu, tied embeddings), v1.1, flan-t5 and mT5 (gated-gelu, untied lm_head). Weights are read
-with `safetensors` only: never torch.load / pickle, which can run code from the file.
+with `safetensors` only: never torch.load / pickle, which can run code from the file. A checkpoint is a local
+directory or a HuggingFace Hub name, which `huggingface_hub` resolves through its cache.
 
 Params are the nested dict of `nnx.to_pure_dict(nnx.state(model, nnx.Param))`; `T5.from_params` builds a model.
 """
 
 import json
 import math
+import os
 import pathlib
 import shutil
 
 import numpy as np
 from flax import nnx
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from t5mix.errors import UserError
 from t5mix.model import T5, T5Config
+from t5mix.vocab import EXTRA_IDS
 
 VOCAB_FILE = "spiece.model"
+# What import reads from a Hub repository (never the pickled *.bin weights); tokenizer files for
+# anyone who uses the cached copy with transformers.
+HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", VOCAB_FILE,
+             "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json"]
+# transformers' T5Tokenizer over spiece.model: T5's special tokens and seqio's sentinels, the
+# same ids as t5mix's SentencePiece vocabularies.
+_SPECIAL_TOKENS = {"eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
+_TOKENIZER_CONFIG = {"tokenizer_class": "T5Tokenizer", **_SPECIAL_TOKENS, "extra_ids": EXTRA_IDS}
 # Copies of `shared.weight` that HF may or may not write next to it.
 _TIED_COPIES = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
 
@@ -125,11 +136,51 @@ def _read_tensors(hf_dir: pathlib.Path) -> dict:
   for f in files:
     if not f.exists():
       raise UserError(f"{f}: file not found (listed in {index.name})")
-    # The flax framework reads bfloat16 too (numpy has no bfloat16).
-    with safe_open(str(f), framework="flax") as st:
-      for name in st.keys():
-        tensors[name] = np.asarray(st.get_tensor(name), np.float32)
+    try:
+      # The flax framework reads bfloat16 too (numpy has no bfloat16).
+      with safe_open(str(f), framework="flax") as st:
+        for name in st.keys():
+          tensors[name] = np.asarray(st.get_tensor(name), np.float32)
+    except SafetensorError as e:
+      raise UserError(f"{f}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
   return tensors
+
+
+def checkpoint_dir(name: str) -> pathlib.Path:
+  """The directory of a checkpoint: `name` itself, or for a Hub name (`org/name`, `name`,
+  optionally `@revision`) that is not a local path, its snapshot in huggingface_hub's cache.
+
+  Missing files are downloaded unless HF_HUB_OFFLINE is set; HF_HOME / HF_HUB_CACHE say where
+  the cache is.
+  """
+  import huggingface_hub
+  from huggingface_hub import errors
+
+  repo_id, _, revision = name.partition("@")
+  try:
+    huggingface_hub.utils.validate_repo_id(repo_id)
+  except errors.HFValidationError:  # a path (load_hf_checkpoint says if it is missing)
+    return pathlib.Path(name)
+  if os.path.exists(name):
+    return pathlib.Path(name)
+  try:
+    return pathlib.Path(huggingface_hub.snapshot_download(repo_id, revision=revision or None,
+                                                          allow_patterns=HUB_FILES))
+  except errors.LocalEntryNotFoundError:  # offline, or the Hub unreachable, and not in the cache
+    cache = huggingface_hub.constants.HF_HUB_CACHE
+    download = f"huggingface-cli download {repo_id}" + (f" --revision {revision}" if revision else "")
+    raise UserError(
+        f"{name}: not a local directory, and not in the HuggingFace cache {cache} (the Hub is "
+        f"unreachable or HF_HUB_OFFLINE is set); run `{download}` on a machine with internet and "
+        f"copy its cache to {cache} (or point HF_HUB_CACHE at the copy), or pass a local checkpoint "
+        f"directory") from None
+  except errors.RepositoryNotFoundError:
+    raise UserError(f"{name}: not a local directory, nor a model on the HuggingFace Hub that you may "
+                    f"read (a private or gated one needs `huggingface-cli login`)") from None
+  except errors.RevisionNotFoundError:
+    raise UserError(f"{name}: the HuggingFace Hub model {repo_id} has no revision {revision!r}") from None
+  except OSError as e:  # other HTTP and connection errors
+    raise UserError(f"{name}: cannot download from the HuggingFace Hub ({str(e).splitlines()[0]})") from None
 
 
 def load_hf_checkpoint(hf_dir, *, copy_vocab_to=None) -> tuple[T5Config, dict]:
@@ -169,17 +220,21 @@ def load_hf_checkpoint(hf_dir, *, copy_vocab_to=None) -> tuple[T5Config, dict]:
 
   if copy_vocab_to is not None and (hf_dir / VOCAB_FILE).exists():
     pathlib.Path(copy_vocab_to).mkdir(parents=True, exist_ok=True)
-    shutil.copy(hf_dir / VOCAB_FILE, pathlib.Path(copy_vocab_to) / VOCAB_FILE)
+    # The contents only: not the source's mode (a shared or cached copy may be read-only).
+    shutil.copyfile(hf_dir / VOCAB_FILE, pathlib.Path(copy_vocab_to) / VOCAB_FILE)
   return config, nnx.to_pure_dict(nnx.from_flat_state(flat))
 
 
 def save_hf_checkpoint(model_or_params, config: T5Config, hf_dir, *, vocab_file=None) -> None:
   """Writes config.json and model.safetensors (float32) in HF T5ForConditionalGeneration layout.
 
-  model_or_params: a `T5` or its params dict. vocab_file: a spiece.model to copy alongside.
+  model_or_params: a `T5` or its params dict. vocab_file: a spiece.model to copy alongside, with
+  the tokenizer files that make the directory loadable by transformers' AutoTokenizer.
   """
   if config.architecture != "encoder_decoder":
     raise UserError("only encoder_decoder models can be exported to the HuggingFace T5 layout")
+  if vocab_file is not None and not pathlib.Path(vocab_file).is_file():
+    raise UserError(f"{vocab_file}: vocabulary file not found")
   params = model_or_params
   if isinstance(model_or_params, nnx.Module):
     params = nnx.to_pure_dict(nnx.state(model_or_params, nnx.Param))
@@ -193,8 +248,13 @@ def save_hf_checkpoint(model_or_params, config: T5Config, hf_dir, *, vocab_file=
   hf_dir = pathlib.Path(hf_dir)
   hf_dir.mkdir(parents=True, exist_ok=True)
   (hf_dir / "config.json").write_text(json.dumps(_config_to_hf(config), indent=2) + "\n")
-  save_file(tensors, str(hf_dir / "model.safetensors"), metadata={"format": "pt"})  # transformers wants "format"
+  weights = hf_dir / "model.safetensors"
+  save_file(tensors, str(weights), metadata={"format": "pt"})  # transformers wants "format"
+  # save_file renames a private (0600) temporary file into place; give it the mode of a new file.
+  umask = os.umask(0)
+  os.umask(umask)
+  weights.chmod(0o666 & ~umask)
   if vocab_file is not None:
-    if not pathlib.Path(vocab_file).exists():
-      raise UserError(f"{vocab_file}: vocabulary file not found")
-    shutil.copy(vocab_file, hf_dir / VOCAB_FILE)
+    shutil.copyfile(vocab_file, hf_dir / VOCAB_FILE)
+    (hf_dir / "tokenizer_config.json").write_text(json.dumps(_TOKENIZER_CONFIG, indent=2) + "\n")
+    (hf_dir / "special_tokens_map.json").write_text(json.dumps(_SPECIAL_TOKENS, indent=2) + "\n")

@@ -11,13 +11,15 @@ The whole pipeline is deterministic for a seed and made of checkpointable tf.dat
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from typing import Mapping
 
 import seqio
 import tensorflow as tf
 
 from t5mix import mixing
-from t5mix.registry import get_task_or_mixture
+from t5mix.registry import examples, get_task_or_mixture
 
 TASK_IDS = "task_ids"
 
@@ -92,3 +94,74 @@ def _tag(task_id: int, architecture: str):
     ex[TASK_IDS] = tf.fill([n], tf.constant(task_id, tf.int32))
     return ex
   return tag
+
+
+# ---------------------------------------------------------------------------------------------
+# Truncation: how many examples the lengths cut (reported by `show`, `train` and `eval`).
+
+# `show` and `train` count at most this many examples per task (the first ones of the split), so
+# that a large task does not hold up the start of training: 3,000 demo QA contexts take 0.3 s.
+TRUNCATION_COUNT_LIMIT = 10_000
+
+
+@dataclasses.dataclass
+class Truncation:
+  """How many of the first `counted` (of `total`) examples of a task's split are longer than
+  `lengths` (tokens with EOS, as the task makes them: seqio cuts them to length - 1, then EOS)."""
+  task: str
+  split: str
+  lengths: dict[str, int]
+  counted: int
+  total: int
+  inputs: int               # examples whose inputs are cut
+  targets: int              # examples whose targets are cut
+  answers_cut: int | None   # QA: the gold answer is in the inputs but not in the part kept
+
+  def describe(self) -> str:
+    which = (f"all {self.counted:,}" if self.counted == self.total
+             else f"the first {self.counted:,} of {self.total:,}")
+    share = lambda n: f"{n:,} ({100 * n / max(self.counted, 1):.1f}%)"  # noqa: E731
+    text = (f"truncation of {self.task} ({which} {self.split} examples): {share(self.inputs)} "
+            f"have inputs over {self.lengths['inputs']} tokens, {share(self.targets)} targets "
+            f"over {self.lengths['targets']} tokens")
+    if self.answers_cut is not None:
+      text += f"; for {share(self.answers_cut)} the answer lies past the cut"
+    return text
+
+
+def count_truncation(task: seqio.Task, split: str, lengths: Mapping[str, int],
+                     limit: int | None = TRUNCATION_COUNT_LIMIT) -> Truncation | None:
+  """Counts the examples `lengths` cut among the first `limit` (None: all) of the split.
+
+  None where truncation does not apply or cannot be known before training: span corruption
+  (its text is cut into chunks that fit by construction) and tasks not defined through t5mix
+  (plain seqio tasks, whose preprocessors may need the lengths to run).
+  """
+  spec = getattr(task, "t5mix_spec", None)
+  if spec is None or spec.kind == "text" or split not in task.splits:
+    return None
+  rows = examples(spec, split)
+  counted = rows[:limit] if limit is not None else rows
+  inputs_vocab = task.output_features["inputs"].vocabulary
+  targets_vocab = task.output_features["targets"].vocabulary
+  kept = lengths["inputs"] - 1  # append_eos_after_trim keeps length - 1 tokens, then EOS
+  inputs = targets = answers_cut = 0
+  for row in counted:
+    ids = inputs_vocab.encode(row["inputs"])
+    if len(ids) > kept:
+      inputs += 1
+      if spec.kind == "qa":
+        answers_cut += _answer_past_cut(inputs_vocab, ids, kept, json.loads(row["answers"]))
+    targets += len(targets_vocab.encode(row["targets"])) > lengths["targets"] - 1
+  return Truncation(task.name, split, dict(lengths), len(counted), len(rows), inputs, targets,
+                    answers_cut if spec.kind == "qa" else None)
+
+
+def _answer_past_cut(vocab: seqio.Vocabulary, ids: list[int], kept: int,
+                     answers: list[str]) -> bool:
+  """Whether a gold answer is in the inputs but none is in their first `kept` tokens. Compared
+  as text decoded from tokens on every side, so that the vocabulary's normalisation (and its
+  unknown pieces) applies alike."""
+  answers = [vocab.decode(vocab.encode(a)) for a in answers]
+  whole, part = vocab.decode(ids), vocab.decode(ids[:kept])
+  return any(a in whole for a in answers) and not any(a in part for a in answers)

@@ -185,6 +185,28 @@ def pearson_spearman(targets, predictions, invalid_value=-1.0) -> dict[str, floa
           "spearman": correlation(scipy.stats.spearmanr)}
 
 
+def constant_baselines(metric_fns: Sequence[Callable], targets, labels: Sequence,
+                       majority=None) -> dict[str, dict]:
+  """The scores of answering one label for every example: what a model must beat.
+
+  {"majority_class": `majority` (the caller's most frequent label, e.g. of the train split;
+  only if given), "best_constant": the label of `labels` whose mean metric on `targets` is
+  highest (the first of them on ties)}, each {"label", "metrics", "mean"}.
+  """
+  def constant(label):
+    scores = {}
+    for fn in metric_fns:
+      scores.update(fn(targets=targets, predictions=[label] * len(targets)))
+    return {"label": label, "metrics": scores, "mean": float(np.mean(list(scores.values())))}
+
+  by_label = {label: constant(label) for label in labels}
+  baselines = {}
+  if majority is not None:
+    baselines["majority_class"] = by_label.get(majority) or constant(majority)
+  baselines["best_constant"] = max(by_label.values(), key=lambda b: b["mean"])
+  return baselines
+
+
 # --- SQuAD ------------------------------------------------------------------------------------
 # Written by hand: the official SQuAD v1.1 evaluation script (evaluate-v1.1.py) is not packaged.
 # These three functions follow it exactly, including its quirks (an empty prediction against an

@@ -17,13 +17,12 @@ along the path (seqio's `Mixture.get_rate`).
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import functools
 from typing import Any, Mapping
 
 import seqio
 
-from t5mix.errors import UserError
+from t5mix.errors import UserError, did_you_mean, key_origin
 
 RATES = ("proportional", "temperature", "equal", "explicit")
 
@@ -37,39 +36,52 @@ class MixtureSpec:
   temperature: float = 1.0
   maximum: int | None = None       # the cap K
   description: str = ""
-  origin: str = "<python>"
+  origin: str = "<python>"         # where it was defined (`file:line`), for error messages
+  # Where each key was written (`file:line`), by key path as in `tasks[2]`; see registry.TaskSpec.
+  key_origins: dict[str, str] = dataclasses.field(default_factory=dict)
 
   @classmethod
-  def from_dict(cls, d: Mapping[str, Any], origin: str) -> "MixtureSpec":
+  def from_dict(cls, d: Mapping[str, Any], origin: str,
+                key_origins: Mapping[str, str] | None = None) -> "MixtureSpec":
     if not isinstance(d, Mapping):
       raise UserError(f"{origin}: a mixture must be a mapping, found {type(d).__name__}")
-    known = {f.name for f in dataclasses.fields(cls)} - {"origin"}
+    key_origins = dict(key_origins or {})
+    name = d.get("name")
+    mixture = f": mixture {name!r}" if isinstance(name, str) else ""
+    known = {f.name for f in dataclasses.fields(cls)} - {"origin", "key_origins"}
     for key in d:
       if key not in known:
-        close = difflib.get_close_matches(str(key), known, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise UserError(f"{origin}: unknown key {key!r}{hint}")
+        raise UserError(f"{key_origins.get(str(key), origin)}{mixture}: unknown key {key!r}"
+                        f"{did_you_mean(key, sorted(known))}")
     for key in ("name", "tasks"):
       if key not in d:
-        raise UserError(f"{origin}: missing required key {key!r}")
-    spec = cls(**d, origin=origin)
+        raise UserError(f"{origin}{mixture}: missing required key {key!r}")
+    spec = cls(**d, origin=origin, key_origins=key_origins)
     spec.validate()
     return spec
 
+  def where(self, key: str | None = None) -> str:
+    """`file:line: mixture 'NAME'` for error messages, at the line of `key` (a key path such as
+    `tasks[2]`, else its closest enclosing key written in the file), else the mixture's."""
+    return f"{key_origin(self.key_origins, key, self.origin)}: mixture {self.name!r}"
+
   def validate(self) -> None:
-    where = f"{self.origin}: mixture {self.name!r}"
     if self.rate not in RATES:
-      raise UserError(f"{where}: key 'rate': {self.rate!r} is not one of {', '.join(RATES)}")
+      raise UserError(f"{self.where('rate')}: key 'rate': {self.rate!r} is not one of "
+                      f"{', '.join(RATES)}{did_you_mean(self.rate, RATES)}")
     if not isinstance(self.temperature, (int, float)) or self.temperature <= 0:
-      raise UserError(f"{where}: key 'temperature' must be a positive number, got {self.temperature!r}")
+      raise UserError(f"{self.where('temperature')}: key 'temperature' must be a positive number, "
+                      f"got {self.temperature!r}")
     if self.rate != "temperature" and self.temperature != 1.0:
-      raise UserError(f"{where}: key 'temperature' needs rate: temperature")
+      raise UserError(f"{self.where('temperature')}: key 'temperature' needs rate: temperature")
     if self.maximum is not None and (not isinstance(self.maximum, int) or self.maximum <= 0):
-      raise UserError(f"{where}: key 'maximum' must be a positive integer, got {self.maximum!r}")
+      raise UserError(f"{self.where('maximum')}: key 'maximum' must be a positive integer, "
+                      f"got {self.maximum!r}")
     if not isinstance(self.tasks, list) or not self.tasks:
-      raise UserError(f"{where}: key 'tasks' must be a non-empty list")
+      raise UserError(f"{self.where('tasks')}: key 'tasks' must be a non-empty list")
     seen = set()
-    for entry in self.tasks:
+    for i, entry in enumerate(self.tasks):
+      where = self.where(f"tasks[{i}]")
       name, rate = _entry(entry, where)
       if name in seen:
         raise UserError(f"{where}: task {name!r} is listed twice")
@@ -141,15 +153,15 @@ def add_mixture(name: str | MixtureSpec | None = None, *, spec: MixtureSpec | No
     spec = MixtureSpec.from_dict({"name": name, **kwargs}, origin=origin)
   from t5mix.registry import get_task_or_mixture  # registry imports nothing from here
 
-  where = f"{spec.origin}: mixture {spec.name!r}"
   if spec.name in seqio.MixtureRegistry.names() or spec.name in seqio.TaskRegistry.names():
-    raise UserError(f"{where}: the name is already defined; pick another name")
+    raise UserError(f"{spec.where('name')}: the name is already defined; pick another name")
   if spec.rate == "equal":
     default = lambda task: 1.0  # noqa: E731
   else:  # proportional, temperature (explicit gives every rate)
     default = functools.partial(examples_rate, maximum=spec.maximum, temperature=spec.temperature)
   entries = []
-  for entry in spec.tasks:
+  for i, entry in enumerate(spec.tasks):
+    where = spec.where(f"tasks[{i}]")
     name, rate = _entry(entry, where)
     try:
       get_task_or_mixture(name)

@@ -18,6 +18,7 @@ TFDS stream instead, since pretraining corpora do not fit in memory.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import functools
@@ -32,11 +33,10 @@ import seqio
 import tensorflow as tf
 
 from t5mix import formats, metrics, ner, span_corruption
-from t5mix.errors import UserError
+from t5mix.errors import UserError, did_you_mean, key_origin
 from t5mix.vocab import get_vocabulary
 
 KINDS = ("classification", "qa", "ner", "text")
-NER_SCHEMES = ("iob1", "iob2", "bioes")
 DEFAULT_TEMPLATES = {
     "classification": None,  # built from the field names, see _default_template
     "qa": "question: {question} context: {context}",
@@ -91,7 +91,7 @@ class TaskSpec:
   answers: str = "answers"          # qa: column with the gold answer(s)
   tokens: str = "tokens"            # ner: column with tokens (tfds/jsonl)
   tags: str = "tags"                # ner: column with tags (tfds/jsonl)
-  scheme: str = "iob2"              # ner: iob1 | iob2 | bioes
+  scheme: str = "iob2"              # ner: one of ner.SCHEMES (iob1, iob2, bioes, ...)
   token_column: int = 0             # conll: column of the token
   tag_column: int = -1              # conll: column of the NER tag
   columns: list[str] | None = None  # tsv/csv without a header row
@@ -101,64 +101,113 @@ class TaskSpec:
   mean_noise_span_length: float = 3.0
   description: str = ""
   base_dir: str = "."               # where relative paths resolve (the YAML file's directory)
-  origin: str = "<python>"          # where the spec was defined, for error messages
+  origin: str = "<python>"          # where the spec was defined (`file:line`), for error messages
+  # Where each key was written (`file:line`), by key path as in `splits.train` or `metrics[1]`;
+  # empty for tasks defined in Python, whose errors name the add_task call (`origin`).
+  key_origins: dict[str, str] = dataclasses.field(default_factory=dict)
 
   @classmethod
-  def from_dict(cls, d: Mapping[str, Any], origin: str, base_dir: str = ".") -> "TaskSpec":
+  def from_dict(cls, d: Mapping[str, Any], origin: str, base_dir: str = ".",
+                key_origins: Mapping[str, str] | None = None) -> "TaskSpec":
     if not isinstance(d, Mapping):
       raise UserError(f"{origin}: a task must be a mapping, found {type(d).__name__}")
-    known = {f.name for f in dataclasses.fields(cls)} - {"base_dir", "origin"}
+    key_origins = dict(key_origins or {})
+    name = d.get("name")
+    task = f": task {name!r}" if isinstance(name, str) else ""
+    known = {f.name for f in dataclasses.fields(cls)} - {"base_dir", "origin", "key_origins"}
     for key in d:
       if key not in known:
-        close = difflib.get_close_matches(str(key), known, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise UserError(f"{origin}: unknown key {key!r}{hint}")
+        raise UserError(f"{key_origins.get(str(key), origin)}{task}: unknown key {key!r}"
+                        f"{did_you_mean(key, sorted(known))}")
     for key in ("name", "kind", "splits"):
       if key not in d:
-        raise UserError(f"{origin}: missing required key {key!r}")
-    spec = cls(**d, base_dir=base_dir, origin=origin)
+        raise UserError(f"{origin}{task}: missing required key {key!r}")
+    spec = cls(**d, base_dir=base_dir, origin=origin, key_origins=key_origins)
     spec.validate()
     return spec
 
+  def where(self, key: str | None = None) -> str:
+    """`file:line: task 'NAME'` for error messages, at the line of `key` (a key path such as
+    `splits.train`, else its closest enclosing key written in the file), else the task's."""
+    return f"{key_origin(self.key_origins, key, self.origin)}: task {self.name!r}"
+
   def validate(self) -> None:
-    where = f"{self.origin}: task {self.name!r}"
     if not isinstance(self.name, str) or not re.fullmatch(r"[\w.:-]+", self.name):
-      raise UserError(f"{self.origin}: key 'name': {self.name!r} is not a valid task name "
-                      "(letters, digits, _ . : -)")
+      raise UserError(f"{self.key_origins.get('name', self.origin)}: key 'name': {self.name!r} is "
+                      "not a valid task name (letters, digits, _ . : -)")
     for key, (types, expected) in _KEY_TYPES.items():
       value = getattr(self, key)
       if not isinstance(value, types) or isinstance(value, bool) and bool not in types:
-        raise UserError(f"{where}: key {key!r} must be {expected}, found "
+        raise UserError(f"{self.where(key)}: key {key!r} must be {expected}, found "
                         f"{type(value).__name__} {value!r}")
     for key in ("columns", "metrics", "fields"):
       value = getattr(self, key) or ()
-      items = value.values() if isinstance(value, Mapping) else value
-      bad = next((v for v in items if not isinstance(v, str)), None)
+      items = value.items() if isinstance(value, Mapping) else enumerate(value)
+      bad = next(((k, v) for k, v in items if not isinstance(v, str)), None)
       if bad is not None:
-        raise UserError(f"{where}: key {key!r}: {bad!r} is not a string (column or metric name)")
-    if self.kind not in KINDS:
-      raise UserError(f"{where}: key 'kind': {self.kind!r} is not one of {', '.join(KINDS)}")
+        path = f"{key}.{bad[0]}" if isinstance(value, Mapping) else f"{key}[{bad[0]}]"
+        raise UserError(f"{self.where(path)}: key {key!r}: {bad[1]!r} is not a string "
+                        "(column or metric name)")
+    self._check_choice("kind", self.kind, KINDS)
     if (self.format is None) == (self.tfds is None):
-      raise UserError(f"{where}: give exactly one of 'format' (local files) or 'tfds'")
-    if self.format is not None and self.format not in formats.FORMATS:
-      raise UserError(f"{where}: key 'format': {self.format!r} is not one of "
-                      f"{', '.join(formats.FORMATS)}")
+      raise UserError(f"{self.where()}: give exactly one of 'format' (local files) or 'tfds'")
+    if self.format is not None:
+      self._check_choice("format", self.format, formats.FORMATS)
     if not isinstance(self.splits, Mapping) or not self.splits:
-      raise UserError(f"{where}: key 'splits' must map split names to files")
+      raise UserError(f"{self.where('splits')}: key 'splits' must map split names to files")
     if self.kind == "classification" and not self.label_words:
-      raise UserError(f"{where}: classification needs 'label_words'")
-    if self.kind == "ner" and self.scheme not in NER_SCHEMES:
-      raise UserError(f"{where}: key 'scheme': {self.scheme!r} is not one of {', '.join(NER_SCHEMES)}")
-    for m in self.metrics or []:
+      raise UserError(f"{self.where()}: classification needs 'label_words'")
+    if self.kind == "ner":  # tags_to_spans reads scheme names in any case
+      self._check_choice("scheme", self.scheme.lower(), ner.SCHEMES, shown=self.scheme)
+    for i, m in enumerate(self.metrics or []):
       if m not in METRICS:
-        raise UserError(f"{where}: key 'metrics': unknown metric {m!r}; known: {', '.join(METRICS)}")
+        raise UserError(f"{self.where(f'metrics[{i}]')}: key 'metrics': unknown metric {m!r}"
+                        f"{did_you_mean(m, METRICS)}; known: {', '.join(METRICS)}")
+    if self.template is not None:
+      self._check_template()
     for split, entry in self.splits.items():
-      ok = isinstance(entry, str) or (not self.tfds and isinstance(entry, Mapping))
-      if not isinstance(split, str) or not ok:
-        raise UserError(f"{where}: key 'splits': split {split!r} must map to "
-                        + ("a TFDS split name" if self.tfds else
-                           "a file path or {path: FILE, select: 'START:END'}")
-                        + f", found {type(entry).__name__} {entry!r}")
+      self._check_split(split, entry)
+
+  def _check_choice(self, key: str, value: str, choices: Sequence[str], shown=None) -> None:
+    if value not in choices:
+      shown = value if shown is None else shown
+      raise UserError(f"{self.where(key)}: key {key!r}: {shown!r} is not one of "
+                      f"{', '.join(choices)}{did_you_mean(shown, choices)}")
+
+  def _check_template(self) -> None:
+    """The template's syntax; whether its placeholders are columns is known once data is read
+    (_check_columns)."""
+    try:
+      names = _placeholders(self.template)
+    except ValueError as e:  # string.Formatter's message, e.g. "Single '}' encountered ..."
+      raise UserError(f"{self.where('template')}: key 'template': {self.template!r} is not a "
+                      f"valid template ({e}; write {{{{ and }}}} for literal braces)") from None
+    if any(not n or n.isdigit() for n in names):
+      raise UserError(f"{self.where('template')}: key 'template': {self.template!r} has a "
+                      "placeholder without a name ({} or {0}); name a column, e.g. {sentence}")
+
+  def _check_split(self, split, entry) -> None:
+    where = self.where(f"splits.{split}")
+    expected = ("a TFDS split name" if self.tfds else
+                "a file path or {path: FILE, select: 'START:END'}")
+    ok = isinstance(entry, str) or (not self.tfds and isinstance(entry, Mapping))
+    if not isinstance(split, str) or not ok:
+      raise UserError(f"{where}: key 'splits': split {split!r} must map to {expected}, found "
+                      f"{type(entry).__name__} {entry!r}")
+    if isinstance(entry, Mapping):
+      unknown = [k for k in entry if k not in ("path", "select")]
+      if unknown or not isinstance(entry.get("path"), str):
+        problem = (f"unknown key {unknown[0]!r}{did_you_mean(unknown[0], ('path', 'select'))}"
+                   if unknown else "no 'path'")
+        raise UserError(f"{where}: key 'splits': split {split!r}: {problem}; expected {expected}")
+      if entry.get("select") is not None:
+        _parse_select(entry["select"], f"{self.where(f'splits.{split}.select')}: key 'splits': "
+                                       f"split {split!r}")
+
+  @property
+  def metric_names(self) -> list[str]:
+    """The names of its metrics, as in `metrics:` (METRICS' keys)."""
+    return list(self.metrics if self.metrics is not None else DEFAULT_METRICS[self.kind])
 
   @property
   def label_map(self) -> dict[str, str]:
@@ -168,7 +217,7 @@ class TaskSpec:
       return {str(i): str(w) for i, w in enumerate(words)}
     if isinstance(words, Mapping):
       return {str(k): str(v) for k, v in words.items()}
-    raise UserError(f"{self.origin}: task {self.name!r}: 'label_words' must be a list or mapping")
+    raise UserError(f"{self.where('label_words')}: 'label_words' must be a list or mapping")
 
   @property
   def source_description(self) -> str:
@@ -182,11 +231,7 @@ class TaskSpec:
   def _split_path(self, split: str) -> tuple[str, str | None]:
     entry = self.splits[split]
     select = None
-    if isinstance(entry, Mapping):
-      unknown = set(entry) - {"path", "select"}
-      if unknown or "path" not in entry:
-        raise UserError(f"{self.origin}: task {self.name!r}: split {split!r} must be a path or "
-                        "{path: FILE, select: 'START:END'}")
+    if isinstance(entry, Mapping):  # its keys are checked by validate
       entry, select = entry["path"], entry.get("select")
     path = os.path.expandvars(os.path.expanduser(str(entry)))
     return os.path.normpath(os.path.join(self.base_dir, path)), select
@@ -202,12 +247,23 @@ def _default_template(spec: TaskSpec, record: Mapping[str, Any]) -> str:
   return " ".join([spec.name] + [f"{n}: {{{n}}}" for n in names])
 
 
-def _fill(template: str, values: Mapping[str, Any], where: str) -> str:
+def _columns(record: Mapping[str, Any]) -> list[str]:
+  return [k for k in record if not k.startswith("_")]  # "_line" is the reader's, not a column
+
+
+def _placeholders(template: str) -> list[str]:
+  """The names a template's placeholders start with (`{a.b}` and `{a[0]}` read `a`; `{}` is '');
+  ValueError if the template is malformed."""
+  return [re.match(r"\w*", f).group()
+          for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+
+
+def _fill(template: str, values: Mapping[str, Any], record: Mapping[str, Any], where: str) -> str:
   try:
     return template.format_map(values)
-  except KeyError as e:
-    raise UserError(f"{where}: template field {e} not found; available: "
-                    f"{', '.join(k for k in values if not k.startswith('_'))}") from None
+  except KeyError as e:  # a record without a column that the first record had (_check_columns)
+    raise UserError(f"{where}: no column {e} for the template in this record; its columns are "
+                    f"{', '.join(_columns(record))}") from None
   except (ValueError, IndexError, AttributeError, TypeError) as e:
     raise UserError(f"{where}: bad template {template!r} ({e})") from None
 
@@ -219,10 +275,41 @@ def _template_values(spec: TaskSpec, record: Mapping[str, Any], where: str) -> d
   values["name"] = spec.name
   for placeholder, column in spec.fields.items():
     if column not in record:
-      raise UserError(f"{where}: column {column!r} (for field {placeholder!r}) not found; "
-                      f"available: {', '.join(k for k in record if not k.startswith('_'))}")
-    values[placeholder] = record[column]
+      raise UserError(f"{where}: no column {column!r} (key 'fields', placeholder {placeholder!r}) "
+                      f"in this record; its columns are {', '.join(_columns(record))}")
+    values[placeholder] = values[column]
   return values
+
+
+def _check_columns(spec: TaskSpec, record: Mapping[str, Any], source: str) -> None:
+  """The keys that name columns (template placeholders, fields, label, answers, tokens, tags),
+  checked against the first record of `source`, where the columns are first known. An error
+  names the key and its line in the task's definition, the columns found and the closest one."""
+  columns = _columns(record)
+  found = f"; its columns are {', '.join(columns)}"
+
+  def missing(key: str, what: str, column: str) -> UserError:
+    return UserError(f"{spec.where(key)}: key {key.split('.')[0]!r}: {what}no column {column!r} "
+                     f"in {source}{did_you_mean(column, columns)}{found}")
+
+  for placeholder, column in spec.fields.items():
+    if column not in record:
+      raise missing(f"fields.{placeholder}", f"placeholder {{{placeholder}}}: ", column)
+  for key in {"classification": ["label"], "qa": ["answers"], "ner": ["tokens", "tags"]}.get(
+      spec.kind, []):
+    if getattr(spec, key) not in record:
+      raise missing(key, "", getattr(spec, key))
+  if spec.kind == "classification" and not spec.template:
+    return  # the default template is built from the columns there are
+  # Placeholders that are not columns: the task name, NER's sentence, and those `fields` maps.
+  others = {"name": "{name} is the task name"}
+  if spec.kind == "ner":
+    others["sentence"] = "{sentence} is the tokens joined by spaces"
+  for name in _placeholders(spec.template or DEFAULT_TEMPLATES[spec.kind]):
+    if name not in record and name not in others and name not in spec.fields:
+      hint = did_you_mean(name, [*columns, *others], lambda close: f"{{{close}}}")
+      raise UserError(f"{spec.where('template')}: key 'template': placeholder {{{name}}} is not a "
+                      f"column of {source}{hint}{found} ({'; '.join(others.values())})")
 
 
 def input_fields(spec: TaskSpec) -> list[str]:
@@ -232,8 +319,7 @@ def input_fields(spec: TaskSpec) -> list[str]:
     return ["sentence"]  # or the tokens column, a list of strings: see format_inputs
   if spec.kind == "classification" and not spec.template:
     return list(spec.fields.values())
-  template = spec.template or DEFAULT_TEMPLATES[spec.kind]
-  names = [re.match(r"\w*", f).group() for _, f, _, _ in string.Formatter().parse(template) if f]
+  names = _placeholders(spec.template or DEFAULT_TEMPLATES[spec.kind])
   return list(dict.fromkeys(spec.fields.get(n, n) for n in names if n and n != "name"))
 
 
@@ -254,7 +340,24 @@ def format_inputs(spec: TaskSpec, record: Mapping[str, Any], where: str) -> str:
     template = spec.template or _default_template(spec, record)
   else:
     template = spec.template or DEFAULT_TEMPLATES[spec.kind]
-  return _fill(template, values, where)
+  return _fill(template, values, record, where)
+
+
+def _label_words_hint(spec: TaskSpec, value: str) -> str:
+  """How to fix a label value that label_words lacks: for a list and a text label, the mapping
+  form; for a mapping, the closest key."""
+  words = spec.label_words
+  if isinstance(words, Mapping):
+    return did_you_mean(value, [str(k) for k in words])
+  if value.lstrip("-").isdigit():
+    return ""
+  if value in map(str, words):
+    example = ", ".join(f"{w}: {w}" for w in words)
+  else:
+    example = f"{value}: WORD, ..."
+  return (f"; a list maps the labels 0, 1, ... to its words: for text labels write a mapping at "
+          f"{key_origin(spec.key_origins, 'label_words', spec.origin)}, e.g. "
+          f"label_words: {{{example}}}")
 
 
 def format_record(spec: TaskSpec, record: Mapping[str, Any], where: str) -> dict[str, str]:
@@ -262,11 +365,13 @@ def format_record(spec: TaskSpec, record: Mapping[str, Any], where: str) -> dict
   values = _template_values(spec, record, where)
   if spec.kind == "classification":
     if spec.label not in record:
-      raise UserError(f"{where}: label column {spec.label!r} not found")
+      raise UserError(f"{where}: no label column {spec.label!r} in this record; its columns are "
+                      f"{', '.join(_columns(record))}")
     value = str(record[spec.label]).strip()
     label_map = spec.label_map
     if value not in label_map:
-      raise UserError(f"{where}: label {value!r} is not in label_words ({', '.join(label_map)})")
+      raise UserError(f"{where}: label {value!r} is not in label_words ({', '.join(label_map)})"
+                      f"{_label_words_hint(spec, value)}")
     return {"inputs": format_inputs(spec, record, where), "targets": label_map[value]}
   if spec.kind == "qa":
     answers = record.get(spec.answers)
@@ -301,20 +406,26 @@ def format_record(spec: TaskSpec, record: Mapping[str, Any], where: str) -> dict
     return {"inputs": format_inputs(spec, record, where),
             "targets": ner.format_entities(tokens, spans)}
   # text: the document goes to "targets"; span corruption makes inputs and targets from it.
-  return {"inputs": "", "targets": _fill(spec.template or DEFAULT_TEMPLATES["text"], values, where)}
+  return {"inputs": "", "targets": _fill(spec.template or DEFAULT_TEMPLATES["text"], values, record,
+                                        where)}
 
 
 # ---------------------------------------------------------------------------------------------
 # Sources.
 
 
+def _parse_select(select, where: str) -> tuple[str | None, str | None]:
+  """The START and END texts of `select: "START:END"` (integers or percentages)."""
+  m = re.fullmatch(r"\s*(-?\d+%?)?\s*:\s*(-?\d+%?)?\s*", str(select))
+  if not m:
+    raise UserError(f"{where}: select {select!r} is not 'START:END' (e.g. '0:90%', '90%:')")
+  return m.group(1), m.group(2)
+
+
 def _select(records: list, select: str | None, where: str) -> list:
   """`select: "START:END"` with integers or percentages (e.g. "0:90%", "90%:"), in file order."""
   if not select:
     return records
-  m = re.fullmatch(r"\s*(-?\d+%?)?\s*:\s*(-?\d+%?)?\s*", str(select))
-  if not m:
-    raise UserError(f"{where}: select {select!r} is not 'START:END' (e.g. '0:90%', '90%:')")
 
   def bound(text):
     if text is None:
@@ -323,7 +434,8 @@ def _select(records: list, select: str | None, where: str) -> list:
       return round(len(records) * int(text[:-1]) / 100)
     return int(text)
 
-  return records[bound(m.group(1)):bound(m.group(2))]
+  start, end = _parse_select(select, where)
+  return records[bound(start):bound(end)]
 
 
 @functools.lru_cache(maxsize=64)
@@ -338,7 +450,7 @@ def _file_records(spec: TaskSpec, split: str) -> list[dict[str, Any]]:
              ("token_column", spec.token_column), ("tag_column", spec.tag_column))
   mtime = os.path.getmtime(path) if os.path.exists(path) else 0.0
   records = _read_file(path, spec.format, options, mtime)
-  where = f"{spec.origin}: task {spec.name!r} split {split!r}"
+  where = f"{spec.where(f'splits.{split}.select')}: key 'splits': split {split!r}"
   if spec.format == "squad_json" and select:
     # Carve SQuAD splits by article so that no context is in two splits.
     articles = sorted({r["article"] for r in records})
@@ -368,7 +480,7 @@ def _tfds_not_prepared(spec: TaskSpec, builder) -> UserError:
 
 def _tfds_bad_split(spec: TaskSpec, split: str, error: Exception) -> UserError:
   message = str(error.args[0] if error.args else error).splitlines()[0]
-  return UserError(f"{spec.origin}: task {spec.name!r}: split {split!r} "
+  return UserError(f"{spec.where(f'splits.{split}')}: split {split!r} "
                    f"({spec.splits[split]!r} of {spec.tfds}): {message}")
 
 
@@ -436,6 +548,41 @@ TFDS_DATA_DIR: str | None = None  # set by --tfds-data-dir
 # The vocabulary of tasks that name none: --vocab, else $T5MIX_VOCAB, else bytes (works for any
 # text; train a SentencePiece model with `t5mix vocab train` for shorter sequences).
 DEFAULT_VOCABULARY: str = os.environ.get("T5MIX_VOCAB", "byte")
+# The run's vocabulary: while set (see `run_vocabulary`), every t5mix task tokenises with it,
+# whatever vocabulary its definition names, so that a run has exactly one.
+RUN_VOCABULARY: seqio.Vocabulary | None = None
+
+
+@contextlib.contextmanager
+def run_vocabulary(vocab: seqio.Vocabulary | None):
+  """Inside the block every t5mix task tokenises with `vocab` (None: each with its own)."""
+  global RUN_VOCABULARY
+  saved, RUN_VOCABULARY = RUN_VOCABULARY, vocab
+  try:
+    yield
+  finally:
+    RUN_VOCABULARY = saved
+
+
+def _output_features(vocab: seqio.Vocabulary) -> dict[str, seqio.Feature]:
+  return {"inputs": seqio.Feature(vocab, add_eos=True, required=False),
+          "targets": seqio.Feature(vocab, add_eos=True)}
+
+
+class _Task(seqio.Task):
+  """A t5mix task: its features use the run's vocabulary while one is set (RUN_VOCABULARY), so a
+  pretrained model's vocabulary applies to every task without redefining them."""
+
+  @property
+  def output_features(self) -> Mapping[str, seqio.Feature]:
+    if RUN_VOCABULARY is None:
+      return super().output_features
+    return dict(sorted(_output_features(RUN_VOCABULARY).items()))
+
+  @property
+  def own_vocabulary(self) -> seqio.Vocabulary:
+    """The vocabulary its definition names (or the default), whatever the run uses."""
+    return super().output_features["targets"].vocabulary
 
 
 def examples(spec: TaskSpec, split: str) -> list[dict[str, str]]:
@@ -450,6 +597,8 @@ def _examples_cached(spec: TaskSpec, split: str, data_dir: str | None):
   else:
     records = _file_records(spec, split)
   path = spec._split_path(split)[0] if not spec.tfds else f"tfds:{spec.tfds}[{split}]"
+  if records:
+    _check_columns(spec, records[0], path)
   return [format_record(spec, r, f"{path}:{r.get('_line', '?')}") for r in records]
 
 
@@ -491,9 +640,8 @@ def _postprocess_fn(spec: TaskSpec):
 
 def build_task(spec: TaskSpec) -> seqio.Task:
   """The seqio.Task for a spec (not registered)."""
-  vocab = get_vocabulary(spec.vocabulary or DEFAULT_VOCABULARY, spec.base_dir)
-  output_features = {"inputs": seqio.Feature(vocab, add_eos=True, required=False),
-                     "targets": seqio.Feature(vocab, add_eos=True)}
+  output_features = _output_features(
+      get_vocabulary(spec.vocabulary or DEFAULT_VOCABULARY, spec.base_dir))
 
   def dataset_fn(split, shuffle_files, seed=None):
     del shuffle_files, seed  # in-memory records; the Task shuffles examples
@@ -516,10 +664,9 @@ def build_task(spec: TaskSpec) -> seqio.Task:
     ]
   else:
     preprocessors = [seqio.preprocessors.tokenize, seqio.preprocessors.append_eos_after_trim]
-  metric_names = spec.metrics if spec.metrics is not None else DEFAULT_METRICS[spec.kind]
-  task = seqio.Task(spec.name, source=source, output_features=output_features,
-                    preprocessors=preprocessors, postprocess_fn=_postprocess_fn(spec),
-                    metric_fns=[METRICS[m] for m in metric_names])
+  task = _Task(spec.name, source=source, output_features=output_features,
+               preprocessors=preprocessors, postprocess_fn=_postprocess_fn(spec),
+               metric_fns=[METRICS[m] for m in spec.metric_names])
   task.t5mix_spec = spec  # what `t5mix tasks` and the evaluator show
   return task
 

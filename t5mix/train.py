@@ -14,6 +14,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import signal
 import time
 from typing import Any
@@ -23,12 +24,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+import seqio
 import tensorflow as tf
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from t5mix import config as config_lib
-from t5mix import distributed, finetune, input_pipeline, partitioning
+from t5mix import definitions, distributed, finetune, input_pipeline, partitioning, registry
+from t5mix import vocab as vocab_lib
 from t5mix.errors import UserError
 from t5mix.model import T5, T5Config, load_model_config, save_model_config
 
@@ -379,7 +382,7 @@ class _Stop:
 
   def _handle(self, signum, frame):
     if self.requested is not None:  # a second Ctrl-C: stop now
-      raise KeyboardInterrupt
+      raise Interrupted(signal.Signals(signum).name)
     self.requested = signal.Signals(signum).name
 
   def __exit__(self, *exc):
@@ -387,11 +390,61 @@ class _Stop:
       signal.signal(sig, handler)
 
 
-def build_model(c: config_lib.TrainConfig) -> T5Config:
-  """The run's model config: the named size, its overrides, then adapters/LoRA."""
-  model_config = load_model_config(c.model)
+class Interrupted(KeyboardInterrupt):
+  """A signal that stops the run where it is, without the loop's save: SIGTERM outside the loop
+  (`sigterm_interrupts`), or a second signal during it."""
+
+  def __init__(self, signal_name: str):
+    super().__init__(signal_name)
+    self.signal_name = signal_name
+
+
+@contextlib.contextmanager
+def sigterm_interrupts():
+  """SIGTERM stops like Ctrl-C (an exception the CLI reports) while loading data, restoring or
+  compiling, instead of ending the process without a word; the loop's _Stop takes over inside."""
+  def handle(signum, frame):
+    raise Interrupted("SIGTERM")
+  old = signal.signal(signal.SIGTERM, handle)
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGTERM, old)
+
+
+def interrupted_message(workdir: str, signal_name: str) -> str:
+  """The line for a run stopped without saving: what a rerun of the same command starts from."""
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  saved = [int(n) for n in (os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else [])
+           if n.isdigit() and os.path.exists(os.path.join(ckpt_dir, n, "_CHECKPOINT_METADATA"))]
+  if not saved:
+    return (f"interrupted ({signal_name}): nothing was saved; rerunning the same command starts "
+            "from step 0")
+  return (f"interrupted ({signal_name}): nothing was saved since the checkpoint at step "
+          f"{max(saved)}; rerunning the same command resumes from it ({ckpt_dir}/{max(saved)})")
+
+
+def build_model(c: config_lib.TrainConfig, vocab: seqio.Vocabulary | None = None) -> T5Config:
+  """The run's model config: the named size (default mini), its overrides, then adapters/LoRA.
+
+  vocab: the run's vocabulary. A model of a named size gets its vocab_size from it (padded to a
+  multiple of 128 for fast matmuls); a model read from a workdir (an imported or trained one)
+  keeps its own, which the vocabulary must fit.
+  """
+  model_config = load_model_config(c.model or "mini")
   if c.model_overrides:
     model_config = dataclasses.replace(model_config, **_checked_overrides(model_config, c.model_overrides))
+  if vocab is not None:
+    fixed = "vocab_size" in c.model_overrides or _workdir_of(c.model) is not None
+    if not fixed:
+      model_config = dataclasses.replace(model_config, vocab_size=_round_up(vocab.vocab_size, 128))
+    elif vocab.vocab_size > model_config.vocab_size:
+      first_sentinel = vocab.vocab_size - 1  # seqio: <extra_id_0> is the top id
+      raise UserError(
+          f"the vocabulary {vocab_lib.describe(vocab)} has {vocab.vocab_size} ids (sentinels "
+          f"<extra_id_0..99> are ids {first_sentinel - 99}..{first_sentinel}) but the model "
+          f"{c.model} has vocab_size {model_config.vocab_size}; use the model's own vocabulary "
+          "(leave --vocab / data.vocab unset) or a model of a named size")
   return finetune.apply_to_model_config(c.finetune, model_config)  # adapters / LoRA
 
 
@@ -401,6 +454,100 @@ def _checked_overrides(model_config, overrides):
     if key not in fields:
       raise UserError(f"unknown config key 'model_overrides.{key}'")
   return overrides
+
+
+def _workdir_of(path: str | None) -> str | None:
+  """The workdir that holds `path` (a workdir, a checkpoint step directory or a workdir's
+  model.yaml), or None when it is none of those."""
+  if not path:
+    return None
+  path = os.path.abspath(path)
+  for candidate in (path, os.path.dirname(path), os.path.dirname(os.path.dirname(path))):
+    if os.path.isfile(os.path.join(candidate, "model.yaml")) and (
+        os.path.isdir(os.path.join(candidate, "checkpoints"))):
+      return candidate
+  return None
+
+
+def _own_vocabulary(task: seqio.Task) -> seqio.Vocabulary:
+  return getattr(task, "own_vocabulary", None) or task.output_features["targets"].vocabulary
+
+
+def decide_vocabulary(c: config_lib.TrainConfig, workdir: str, init_from: str | None,
+                      tasks: list[seqio.Task], log=print) -> seqio.Vocabulary:
+  """The run's one vocabulary: data.vocab (--vocab); else the one this workdir's run was trained
+  with (resuming); else the --init-from workdir's (a pretrained model's); else the one its tasks
+  name, which must then agree. t5mix tasks that name another are tokenised with it (a note says
+  so); plain seqio tasks cannot be, so that is an error."""
+  resumed = vocab_lib.workdir_vocabulary(workdir) if os.path.isdir(
+      os.path.join(workdir, "checkpoints")) else None
+  init_workdir = _workdir_of(init_from)
+  pretrained = vocab_lib.workdir_vocabulary(init_workdir) if init_workdir else None
+  spec, source = c.data.vocab, "data.vocab"
+  if spec is not None and resumed is not None and not vocab_lib.same(
+      vocab_lib.get_vocabulary(spec), vocab_lib.get_vocabulary(resumed)):
+    raise UserError(f"data.vocab {spec} is not the vocabulary {workdir} was trained with "
+                    f"({resumed}); leave it unset to resume, or use a new --workdir")
+  for candidate, where in ((resumed, f"the run in {workdir}"),
+                           (pretrained, f"the --init-from model {init_workdir}")):
+    if spec is None and candidate is not None:
+      spec, source = candidate, where
+  if spec is None:  # the tasks decide: they must agree
+    named = {t.name: _own_vocabulary(t) for t in tasks}
+    distinct = []
+    for v in named.values():
+      if not any(vocab_lib.same(v, d) for d in distinct):
+        distinct.append(v)
+    if len(distinct) > 1:
+      listing = "; ".join(f"{n}: {vocab_lib.describe(v)}" for n, v in named.items())
+      raise UserError(f"the tasks of {c.data.mixture!r} name different vocabularies ({listing}); "
+                      "a run tokenises with one: choose it with --vocab (or data.vocab), or give "
+                      "the tasks the same `vocabulary:`")
+    vocab = distinct[0]
+  else:
+    vocab = vocab_lib.get_vocabulary(spec)
+    if pretrained is not None and source == "data.vocab" and not vocab_lib.same(
+        vocab, vocab_lib.get_vocabulary(pretrained)):
+      log(f"warning: data.vocab {spec} is not the vocabulary of the --init-from model "
+          f"({pretrained}): its embeddings were trained for that one")
+    others = [t for t in tasks if not vocab_lib.same(_own_vocabulary(t), vocab)]
+    foreign = [t.name for t in others if not hasattr(t, "own_vocabulary")]
+    if foreign:
+      raise UserError(f"seqio task(s) {', '.join(foreign)} have their own vocabulary, not the "
+                      f"run's {vocab_lib.describe(vocab)} ({source}); register them with that "
+                      "vocabulary or train without --vocab / --init-from")
+    if others:
+      log(f"note: tokenising {', '.join(t.name for t in others)} with the vocabulary of "
+          f"{source}, {vocab_lib.describe(vocab)} (not the one they name: "
+          f"{', '.join(sorted({vocab_lib.describe(_own_vocabulary(t)) for t in others}))})")
+  vocab_lib.check_vocabulary(vocab)
+  return vocab
+
+
+def _keep_vocabulary(vocab: seqio.Vocabulary, workdir: str) -> None:
+  """A copy of the run's SentencePiece model in the workdir (spiece.model, HF's name): eval,
+  predict, export-hf and runs that start from this one find it there."""
+  path = getattr(vocab, "sentencepiece_model_file", None)
+  dest = os.path.join(workdir, vocab_lib.WORKDIR_VOCAB_FILE)
+  if path is not None and os.path.realpath(path) != os.path.realpath(dest):
+    shutil.copyfile(path, dest)
+
+
+def _finished_step(workdir: str, steps: int) -> int | None:
+  """The step of the newest checkpoint, when it is at or past `steps` and its state reads back
+  whole: a rerun of a finished run then builds no model, data or step. Anything else (no
+  checkpoint, an unfinished run, a damaged last checkpoint) is left to the resuming code."""
+  ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
+  steps_done = [int(n) for n in (os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else [])
+                if n.isdigit()]
+  if not steps_done or max(steps_done) < steps:
+    return None
+  step_dir = os.path.join(ckpt_dir, str(max(steps_done)))
+  try:  # every array read back (the data position matters only to a run that goes on)
+    ocp.StandardCheckpointer().restore(os.path.join(step_dir, "state"))
+  except Exception:  # noqa: BLE001 - damaged in any way: the resuming code reports and handles it
+    return None
+  return max(steps_done)
 
 
 def train(c: config_lib.TrainConfig, workdir: str, *, init_from: str | None = None,
@@ -415,16 +562,32 @@ def train(c: config_lib.TrainConfig, workdir: str, *, init_from: str | None = No
   for path in (workdir, *(os.path.join(workdir, d) for d in ("checkpoints", "tensorboard"))):
     if os.path.exists(path) and not os.access(path, os.W_OK):  # found out now, not at the first save
       raise UserError(f"{path}: {'workdir' if path == workdir else 'directory'} is not writable")
-  model_config = build_model(c)
+  finished = _finished_step(workdir, c.steps)
+  if finished is not None:
+    summary = {"step": finished, "loss": None, "task_examples": read_examples(
+        os.path.join(workdir, "checkpoints", str(finished))),
+               "checkpoints": os.path.join(workdir, "checkpoints")}
+    _log_done(summary, workdir, log)
+    return summary
+  init_workdir = _workdir_of(init_from)
+  if c.model is None and init_workdir is not None:  # fine-tuning: the pretrained model's shape
+    c = dataclasses.replace(c, model=os.path.join(init_workdir, "model.yaml"))
   tasks = input_pipeline.leaf_tasks(c.data.mixture)
-  vocab = tasks[0].output_features["targets"].vocabulary
-  from t5mix.vocab import check_vocabulary
-  check_vocabulary(vocab)
-  if "vocab_size" not in c.model_overrides:  # the vocabulary decides, padded for fast matmuls
-    model_config = dataclasses.replace(model_config, vocab_size=_round_up(vocab.vocab_size, 128))
-  elif vocab.vocab_size > model_config.vocab_size:
-    raise UserError(f"config key 'model_overrides.vocab_size' ({model_config.vocab_size}) is "
-                    f"smaller than the vocabulary ({vocab.vocab_size})")
+  vocab = decide_vocabulary(c, workdir, init_from, tasks, log)
+  vocab_file = getattr(vocab, "sentencepiece_model_file", None)
+  hashes = definitions.file_hashes(c.data.tasks_dir, c.data.module, vocab_file)
+  edited = definitions.changed_files(
+      (config_lib.read_saved(saved_config).get("data") or {}).get("hashes") or {})
+  if edited:
+    log(f"note: edited since this workdir's run last trained: {', '.join(edited)}")
+  c = dataclasses.replace(c, data=dataclasses.replace(c.data, vocab=vocab_lib.describe(vocab),
+                                                      hashes=hashes))
+  model_config = build_model(c, vocab)
+  with registry.run_vocabulary(vocab):
+    return _train(c, model_config, vocab, tasks, workdir, saved_config, init_from, quiet, log)
+
+
+def _train(c, model_config, vocab, tasks, workdir, saved_config, init_from, quiet, log) -> dict:
   if not distributed.is_primary():  # one process writes files and reports for all
     log, quiet = (lambda *a, **k: None), True
 
@@ -521,20 +684,20 @@ def train(c: config_lib.TrainConfig, workdir: str, *, init_from: str | None = No
     if changed:  # e.g. a default that changed between t5mix versions
       log("note: the config differs from the one this workdir last ran with: " + "; ".join(changed))
   if distributed.is_primary():  # only now: a run that cannot start leaves the workdir as it was
+    _keep_vocabulary(vocab, workdir)
     config_lib.save(c, os.path.join(workdir, "config.yaml"))
     save_model_config(model_config, os.path.join(workdir, "model.yaml"))
   start = int(state.step)
 
   compiled_steps = {}  # by stage: gradual unfreezing compiles one step per stage (Plan.frozen_in)
 
-  def train_step(state, batch, key, step):
-    stage = plan.stage_at(step + 1) or 1  # the stage the next update runs in
+  def compiled_step(stage):
     if stage not in compiled_steps:
       compiled_steps[stage] = jax.jit(
           make_train_step(graphdef, optimizer, c, len(tasks), plan.frozen_in(params, stage)),
           donate_argnums=(0,), in_shardings=(state_shardings, batch_sharding, replicated),
           out_shardings=(state_shardings, replicated))
-    return compiled_steps[stage](state, batch, key)
+    return compiled_steps[stage]
 
   base_key = jax.jit(lambda: jax.random.key(c.seed), out_shardings=replicated)()
   writer = (tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
@@ -547,7 +710,6 @@ def train(c: config_lib.TrainConfig, workdir: str, *, init_from: str | None = No
   for i, n in enumerate(names):
     totals["task_examples"][i + 1] = examples.get(n, 0)
   pending, history = [], []
-  last = {"time": time.time(), "step": start}
   tokens_per_step = c.data.batch_size * (c.data.inputs_length + c.data.targets_length)
   num_params = sum(x.size for x in jax.tree.leaves(params))
   log(f"training {model_config.architecture} ({num_params / 1e6:.2f}M parameters) on "
@@ -557,6 +719,10 @@ def train(c: config_lib.TrainConfig, workdir: str, *, init_from: str | None = No
       f"{partitioning.describe(mesh)}; workdir {workdir}")
   if plan.describe():
     log(plan.describe())
+  for task in tasks:  # on each task's first examples (input_pipeline.TRUNCATION_COUNT_LIMIT)
+    truncation = input_pipeline.count_truncation(task, "train", lengths)
+    if truncation:
+      log(truncation.describe())
 
   def flush(step):
     """Fetches pending step metrics (one host sync per log period), logs, checks for NaN."""
@@ -576,6 +742,8 @@ def train(c: config_lib.TrainConfig, workdir: str, *, init_from: str | None = No
           if in_a_row else f"loss at step {bad}"
       raise UserError(f"non-finite {what} (batch had tasks: {task_hint}); "
                       f"stopped; the last good checkpoint is kept in {workdir}/checkpoints")
+    real_tokens = float(sum(m["real_tokens"] for m in fetched))  # skipped steps read them too
+    fill = real_tokens / max(len(fetched) * tokens_per_step, 1)  # non-padding / row slots
     fetched = [m for m in fetched if np.isfinite(m["loss"])]  # skipped steps: not in the averages
     pending.clear()
     if not fetched:
@@ -586,14 +754,19 @@ def train(c: config_lib.TrainConfig, workdir: str, *, init_from: str | None = No
     task_tokens = sum(m["task_tokens"] for m in fetched)
     for m in fetched:
       totals["task_examples"] += m["task_examples"]
-    now = time.time()
-    elapsed = max(now - last["time"], 1e-9)
-    steps_per_s = (step - last["step"]) / elapsed
-    last.update(time=now, step=step)
-    real_tokens = float(sum(m["real_tokens"] for m in fetched))
+    # Speed without the steps that compiled (timed apart in the loop): the compiled step's.
+    now, compile_s = time.time(), untimed["seconds"]
+    timed_steps = step - last["step"] - untimed["steps"]
+    elapsed = max(now - last["time"] - compile_s, 1e-9)
+    steps_per_s = timed_steps / elapsed if timed_steps else None  # None: only a compiling step
+    tokens_per_s = (real_tokens - untimed["tokens"]) / elapsed if timed_steps else None
+    last.update(time=now, step=step, steps_per_s=steps_per_s or last["steps_per_s"])
+    untimed.update(seconds=0.0, steps=0, tokens=0.0)
     record = {"step": step, "loss": float(loss_sum / max(tokens, 1)), "steps_per_s": steps_per_s,
-              "tokens_per_s": real_tokens / elapsed,  # non-padding tokens
-              "fill": real_tokens / (len(fetched) * tokens_per_step),  # non-padding / row slots
+              "tokens_per_s": tokens_per_s,  # non-padding tokens
+              "fill": fill,
+              # the rate of this step's update (optax counts updates from 0)
+              "learning_rate": float(schedule((step - 1) // c.optimizer.grad_accum_steps)),
               "grad_norm": float(fetched[-1]["grad_norm"]),
               "task_loss": {n: float(task_loss[i + 1] / task_tokens[i + 1])
                             for i, n in enumerate(names) if task_tokens[i + 1] > 0},
@@ -604,8 +777,11 @@ def train(c: config_lib.TrainConfig, workdir: str, *, init_from: str | None = No
     history.append(record)
     with writer.as_default(step=step):
       tf.summary.scalar("loss", record["loss"])
-      tf.summary.scalar("steps_per_s", steps_per_s)
-      tf.summary.scalar("tokens_per_s", record["tokens_per_s"])
+      if steps_per_s is not None:
+        tf.summary.scalar("steps_per_s", steps_per_s)
+        tf.summary.scalar("tokens_per_s", tokens_per_s)
+      tf.summary.scalar("learning_rate", record["learning_rate"])
+      tf.summary.scalar("padding_share", 1 - fill)  # of the batch's row slots
       tf.summary.scalar("grad_norm", record["grad_norm"])
       if stage is not None:
         tf.summary.scalar("finetune/stage", stage)
@@ -614,10 +790,16 @@ def train(c: config_lib.TrainConfig, workdir: str, *, init_from: str | None = No
       for n, v in record["task_examples"].items():
         tf.summary.scalar(f"task_examples/{n}", v)
     if not quiet:
-      eta = (c.steps - step) / max(steps_per_s, 1e-9)
+      if steps_per_s is None:
+        speed = f"first step {compile_s:.1f} s (compiling)  {fill:.0%} non-padding"
+      else:
+        speed = (f"{steps_per_s:.2f} steps/s"
+                 + (f" ({compile_s:.1f} s compiling not counted)" if compile_s else "")
+                 + f"  {tokens_per_s:,.0f} tok/s ({fill:.0%} non-padding)")
+      rate = last["steps_per_s"]  # the latest measured; none yet after only a compiling step
+      eta = f"  eta {_duration((c.steps - step) / rate)}" if rate else ""
       per_task = " ".join(f"{n}={v:.2f}" for n, v in record["task_loss"].items())
-      log(f"step {step:>6}/{c.steps}  loss {record['loss']:.4f}  {steps_per_s:.2f} steps/s  "
-          f"{record['tokens_per_s']:,.0f} tok/s ({record['fill']:.0%} non-padding)  eta {_duration(eta)}  | {per_task}"
+      log(f"step {step:>6}/{c.steps}  loss {record['loss']:.4f}  {speed}{eta}  | {per_task}"
           + (f"  | stage {stage}/{plan.num_stages}" if stage is not None else ""))
     return record
 
@@ -629,17 +811,33 @@ def train(c: config_lib.TrainConfig, workdir: str, *, init_from: str | None = No
           state=ocp.args.StandardSave(state), data=DataIteratorSave(data_iter, data_layout, examples)),
                    force=True)
 
+  schedule = learning_rate_schedule(c.optimizer, c.steps)  # the optimizer's, for TensorBoard
+  # The first step of each compiled train step (with its batch: the first one waits for the
+  # input pipeline) is timed apart, so that steps/s and the ETA are the compiled step's.
+  untimed = {"seconds": 0.0, "steps": 0, "tokens": 0.0}
+  last = {"time": time.time(), "step": start, "steps_per_s": None}
   step = start
   try:
     with _Stop() as stop:
       while step < c.steps:
+        stage = plan.stage_at(step + 1) or 1  # the stage this update runs in
+        compiles = stage not in compiled_steps
+        if compiles:
+          jax.block_until_ready(state)  # the steps before it end inside their own timing
+          began = time.time()
+          if step == plan.start_step(stage) > 0 and not quiet:  # gradual unfreezing's next stage
+            log(plan.describe_stage(stage))
         try:
           batch = next(data_iter)
         except StopIteration:
           raise UserError(f"mixture {c.data.mixture!r} ran out of training examples") from None
         batch = partitioning.global_batch(batch_sharding, {k: v.numpy() for k, v in batch.items()},
                                           c.data.batch_size)  # this process's rows -> global arrays
-        state, metrics = train_step(state, batch, base_key, step)
+        state, metrics = compiled_step(stage)(state, batch, base_key)
+        if compiles:
+          untimed["tokens"] += float(metrics["real_tokens"])  # waits for the step
+          untimed["seconds"] += time.time() - began
+          untimed["steps"] += 1
         pending.append(metrics)
         step += 1
         if step % c.log_every == 0 or step == c.steps:
@@ -669,11 +867,15 @@ def train(c: config_lib.TrainConfig, workdir: str, *, init_from: str | None = No
   summary = {"step": step, "loss": final.get("loss"),
              "task_examples": {n: int(totals["task_examples"][i + 1]) for i, n in enumerate(names)},
              "checkpoints": os.path.join(workdir, "checkpoints")}
-  ran = f"loss {summary['loss']}" if history else "no steps left to run"  # rerun of a finished run
-  log(f"done: step {step}, {ran}; examples seen per task: "
+  _log_done(summary, workdir, log)
+  return summary
+
+
+def _log_done(summary: dict, workdir: str, log) -> None:
+  ran = "no steps left to run" if summary["loss"] is None else f"loss {summary['loss']}"
+  log(f"done: step {summary['step']}, {ran}; examples seen per task: "
       f"{summary['task_examples']}; checkpoints in {summary['checkpoints']}, TensorBoard logs in "
       f"{os.path.join(workdir, 'tensorboard')}")
-  return summary
 
 
 @contextlib.contextmanager

@@ -7,11 +7,14 @@ Ids 0, 1, 2 are pad, EOS and UNK, as seqio and T5 expect.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from typing import Iterable
 
 import seqio
+import yaml
+from huggingface_hub import try_to_load_from_cache  # reads the local hub cache only
 
 from t5mix.errors import UserError
 
@@ -20,20 +23,109 @@ ASSETS = os.path.join(os.path.dirname(__file__), "assets")
 # The demo vocabulary ships with t5mix; it was trained on the demo tasks' text with
 # `t5mix vocab train --mixture demo --vocab-size 2000 --out t5mix/assets/demo_spm.model`.
 DEMO_VOCAB = os.path.join(ASSETS, "demo_spm.model")
+# A workdir keeps the SentencePiece model its run tokenised with under this name (HF's name too).
+WORKDIR_VOCAB_FILE = "spiece.model"
+# T5's own 32k vocabulary (cc_all.32000, what every released T5 and flan-t5 uses). t5mix cannot
+# ship or download it; "t5" finds it where a user already has it.
+T5_VOCAB_ENV = "T5MIX_T5_VOCAB"
+T5_HUB_REPO = "google-t5/t5-small"
+NAMES = ("byte", "demo", "t5")
+
+
+def t5_vocab_path() -> str | None:
+  """T5's spiece.model: $T5MIX_T5_VOCAB, else a copy in the HuggingFace hub cache (read offline)."""
+  path = os.environ.get(T5_VOCAB_ENV)
+  if path:
+    return os.path.abspath(os.path.expanduser(path))
+  for repo in (T5_HUB_REPO, "t5-small", "google/flan-t5-small", "google/t5-v1_1-small"):
+    cached = try_to_load_from_cache(repo, WORKDIR_VOCAB_FILE)
+    if isinstance(cached, str):
+      return cached
+  return None
+
+
+T5_VOCAB_MISSING = (f"vocabulary 't5' (T5's 32k SentencePiece model) not found: set "
+                    f"{T5_VOCAB_ENV}=PATH/spiece.model, or `t5mix import-hf` a T5 checkpoint and "
+                    "train with --init-from (its spiece.model is used), or name the .model file")
+
+
+def resolve(spec: str | None, base_dir: str | None = None) -> str:
+  """A vocabulary spec as a run records it: "byte", or the absolute path of a SentencePiece model
+  ("demo" and "t5" become the files they name). Relative paths resolve against `base_dir`."""
+  spec = spec or "demo"
+  if spec == "byte":
+    return spec
+  if spec == "demo":
+    return DEMO_VOCAB
+  if spec == "t5":
+    path = t5_vocab_path()
+    if path is None:
+      raise UserError(T5_VOCAB_MISSING)
+    return path
+  return os.path.normpath(os.path.join(base_dir or ".", os.path.expanduser(spec)))
 
 
 def get_vocabulary(spec: str | None = None, base_dir: str | None = None) -> seqio.Vocabulary:
-  """`spec` is "byte", "demo" (the default), or a path to a SentencePiece `.model` file.
+  """`spec` is "byte", "demo" (the default), "t5", or a path to a SentencePiece `.model` file.
 
   Relative paths resolve against `base_dir` (the directory of the file that named them).
   The model file is read lazily by seqio, so a task can name a vocabulary that
-  `t5mix vocab train` has not written yet.
+  `t5mix vocab train` has not written yet (check_vocabulary reports a missing one).
   """
-  spec = spec or "demo"
   if spec == "byte":
     return seqio.ByteVocabulary(extra_ids=EXTRA_IDS)
-  path = DEMO_VOCAB if spec == "demo" else os.path.join(base_dir or ".", os.path.expanduser(spec))
-  return _sentencepiece(os.path.normpath(path))
+  if spec == "t5" and t5_vocab_path() is None:
+    return _sentencepiece(os.path.join(os.sep, "<t5 vocabulary: not found>"))  # reported on use
+  return _sentencepiece(resolve(spec, base_dir))
+
+
+def describe(vocab: seqio.Vocabulary) -> str:
+  """How a vocabulary reads in messages and in a run's config: "byte", "demo" or its file."""
+  path = getattr(vocab, "sentencepiece_model_file", None)
+  if path is None:
+    return "byte" if isinstance(vocab, seqio.ByteVocabulary) else type(vocab).__name__
+  return "demo" if path == DEMO_VOCAB else path
+
+
+def same(a: seqio.Vocabulary, b: seqio.Vocabulary) -> bool:
+  """Whether two vocabularies tokenise alike: the same kind and extra ids, and for SentencePiece
+  the same model file contents (so a copy in a workdir equals its source)."""
+  if a is b:
+    return True
+  path_a = getattr(a, "sentencepiece_model_file", None)
+  path_b = getattr(b, "sentencepiece_model_file", None)
+  if path_a is None or path_b is None:
+    return path_a is None and path_b is None and a == b
+  if a.extra_ids != b.extra_ids:
+    return False
+  if os.path.realpath(path_a) == os.path.realpath(path_b):
+    return True
+  if not (os.path.isfile(path_a) and os.path.isfile(path_b)):
+    return False
+  return file_hash(path_a) == file_hash(path_b)
+
+
+def workdir_vocabulary(workdir: str) -> str | None:
+  """The vocabulary a workdir's model was trained with, as a spec: its spiece.model (written by
+  `t5mix train` and `t5mix import-hf`), else its config.yaml's data.vocab, else None (unknown)."""
+  path = os.path.join(workdir, WORKDIR_VOCAB_FILE)
+  if os.path.isfile(path):
+    return os.path.abspath(path)
+  try:
+    with open(os.path.join(workdir, "config.yaml")) as f:
+      saved = (yaml.safe_load(f) or {}).get("data", {}).get("vocab")
+  except (OSError, AttributeError, ValueError):
+    return None
+  return saved if isinstance(saved, str) else None
+
+
+def file_hash(path: str) -> str:
+  """A short content hash (sha256, 16 hex digits): runs record them to notice edited files."""
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  return digest.hexdigest()[:16]
 
 
 _CACHE: dict[str, seqio.Vocabulary] = {}
@@ -51,6 +143,8 @@ def check_vocabulary(vocab: seqio.Vocabulary) -> None:
   path = getattr(vocab, "sentencepiece_model_file", None)
   if path is None:
     return
+  if path.endswith("<t5 vocabulary: not found>"):
+    raise UserError(T5_VOCAB_MISSING)
   if not os.path.exists(path):
     raise UserError(f"{path}: vocabulary file does not exist; create it with "
                     f"`t5mix vocab train --mixture NAME --out {path}`")

@@ -21,7 +21,10 @@ def splits(stem, ext):
 t5mix.add_task(
     "demo_sentiment", kind="classification", format="tsv", splits=splits("sentiment", "tsv"),
     template="sentiment: {sentence}", label_words=["negative", "positive"],
-    metrics=["accuracy", "f1"], description="synthetic sentiment with negation and 'but' clauses", **COMMON)
+    # accuracy and macro-F1: answering "positive" to every validation example scores 42.4 (with
+    # the F1 of "positive" instead of macro-F1 it scored 59.3, as much as a trained model)
+    metrics=["accuracy", "f1_macro"],
+    description="synthetic sentiment with negation and 'but' clauses", **COMMON)
 t5mix.add_task(
     "demo_qa", kind="qa", format="squad_json", splits=splits("qa", "json"),
     description="synthetic extractive QA: facts about three people per context", **COMMON)

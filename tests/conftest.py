@@ -72,12 +72,13 @@ def write_yaml(tmp_path):
 def cli(capsys, monkeypatch, builtins):
   """cli(*argv) → (exit code, stdout, stderr) of `t5mix.cli.main(argv)`, run in-process.
 
-  Settings the CLI changes globally (--tfds-data-dir, --vocab) are restored after the test.
+  Settings the CLI changes globally (--tfds-data-dir, --vocab and a workdir's vocabulary) are restored after the test.
   """
   from t5mix import cli as cli_lib
   from t5mix import registry
   monkeypatch.setattr(registry, "TFDS_DATA_DIR", registry.TFDS_DATA_DIR)
   monkeypatch.setattr(registry, "DEFAULT_VOCABULARY", registry.DEFAULT_VOCABULARY)
+  monkeypatch.setattr(registry, "RUN_VOCABULARY", registry.RUN_VOCABULARY)
 
   def run(*argv):
     capsys.readouterr()

@@ -15,7 +15,9 @@ import sys
 
 import numpy as np
 import pytest
+import seqio
 import yaml
+from sklearn import metrics as sk
 
 from t5mix import config as config_lib
 from t5mix import definitions, evaluate, metrics, registry, train
@@ -82,7 +84,7 @@ def test_eval_prints_table_and_writes_json_and_png(cli, small_run):
   assert results["examples"] == {t: 8 for t in results["tasks"]}
   assert results["decoding"] == {"beam_size": 1, "max_decode_len": 16, "inputs_length": 64}
   step20 = results["steps"]["20"]
-  assert set(step20["metrics"]["demo_sentiment"]) == {"accuracy", "f1"}
+  assert set(step20["metrics"]["demo_sentiment"]) == {"accuracy", "f1_macro"}
   assert set(step20["metrics"]["demo_qa"]) == {"em", "f1"}
   assert set(step20["metrics"]["demo_ner"]) == {"precision", "recall", "f1"}
   for entry in results["steps"].values():  # T5's GLUE average: mean over tasks of task means
@@ -114,6 +116,127 @@ def test_eval_latest_checkpoint_with_beam_search_and_chosen_tasks(cli, small_run
                      "--max-examples", 2)
   assert rc == 0, err
   assert list(json.loads((workdir / "eval" / "results.json").read_text())["steps"]) == ["10"]
+
+
+def _uncut(name, split, n=None):
+  """The first n (None: all) examples of a task as its own seqio pipeline makes them, uncut."""
+  ds = seqio.get_mixture_or_task(name).get_dataset(None, split=split, shuffle=False)
+  return list(ds.take(n if n is not None else -1).as_numpy_iterator())
+
+
+def _demo_labels(split):
+  """demo_sentiment's labels (0 negative, 1 positive), read from its TSV file."""
+  from t5mix import demo_data
+  path = pathlib.Path(demo_data.ensure()) / f"sentiment.{split}.tsv"
+  return [int(line.rsplit("\t", 1)[1]) for line in path.read_text().splitlines()[1:]]
+
+
+def test_train_logs_truncated_share_per_task_once(small_run_and_log):
+  _, lines = small_run_and_log
+  found = [line for line in lines if line.startswith("truncation of ")]
+  assert sorted(line.split()[2] for line in found) == ["demo_ner", "demo_qa", "demo_sentiment"]
+  rows = _uncut("demo_qa", "train")  # the run's lengths: inputs 64, targets 16 (TINY)
+  longer = sum(len(r["inputs"]) > 64 for r in rows)
+  targets = sum(len(r["targets"]) > 16 for r in rows)
+  qa = next(line for line in found if line.split()[2] == "demo_qa")
+  assert qa.startswith(f"truncation of demo_qa (all 3,000 train examples): {longer:,} "
+                       f"({longer / 30:.1f}%) have inputs over 64 tokens, {targets:,} "
+                       f"({targets / 30:.1f}%) targets over 16 tokens; for "), qa
+  assert longer > 2500 and qa.endswith("the answer lies past the cut"), qa
+
+
+def test_eval_reports_baselines_and_truncation(cli, small_run, tmp_path):
+  workdir = tmp_path / "run"
+  shutil.copytree(small_run, workdir)
+  rc, out, err = cli("eval", "--workdir", workdir, "--checkpoints", "latest", "--max-examples", 40)
+  assert rc == 0, err
+  results = json.loads((workdir / "eval" / "results.json").read_text())
+
+  # Truncation: of exactly the 40 evaluated examples, at the run's lengths (64 and 16).
+  rows = _uncut("demo_qa", "validation", 40)
+  longer = sum(len(r["inputs"]) > 64 for r in rows)
+  targets = sum(len(r["targets"]) > 16 for r in rows)
+  qa = results["truncation"]["demo_qa"]
+  assert (qa["counted"], qa["inputs"], qa["targets"]) == (40, longer, targets)
+  assert results["truncation"]["demo_sentiment"]["inputs"] == 0
+  assert (f"truncation of demo_qa (the first 40 of 300 validation examples): {longer} "
+          f"({100 * longer / 40:.1f}%) have inputs over 64 tokens") in out
+
+  # Baselines: the train split's majority label, and the best single label, scored by sklearn on
+  # the 40 validation labels.
+  train, gold = _demo_labels("train"), _demo_labels("validation")[:40]
+  majority = int(sum(train) > len(train) / 2)
+  def scores(label):
+    acc = 100 * sk.accuracy_score(gold, [label] * 40)
+    f1 = 100 * sk.f1_score(gold, [label] * 40, average="macro", labels=[0, 1], zero_division=0)
+    return acc, f1, (acc + f1) / 2
+  best = max([0, 1], key=lambda label: scores(label)[2])
+  words = ["negative", "positive"]
+  baselines = results["baselines"]
+  assert set(baselines) == {"demo_sentiment"}  # classification only
+  for kind, label in (("majority_class", majority), ("best_constant", best)):
+    entry = baselines["demo_sentiment"][kind]
+    acc, f1, mean = scores(label)
+    assert entry["label"] == words[label]
+    assert entry["metrics"] == pytest.approx({"accuracy": acc, "f1_macro": f1})
+    assert entry["mean"] == pytest.approx(mean)
+    # its table row: "-" under demo_ner and demo_qa and the average, the scores under sentiment
+    row = next(line for line in out.splitlines() if line.split()[:1] == [
+        {"majority_class": "majority", "best_constant": "constant"}[kind]]).split()
+    assert row[1:8] == ["-"] * 7 and row[-1] == "-"
+    assert row[8:11] == [f"{acc:.2f}", f"{f1:.2f}", f"{mean:.2f}"]
+  assert (f"baselines, one label for every example: majority = the most frequent label of the "
+          f"train split (demo_sentiment {words[majority]}); constant = the label that scores best "
+          f"on this split (demo_sentiment {words[best]})") in out
+
+
+def test_eval_warns_when_a_checkpoint_answers_one_label(cli, small_run, tmp_path, monkeypatch):
+  """A model that answers "positive" to everything: a warning per checkpoint, and it scores
+  exactly the constant baseline of that label."""
+  workdir = tmp_path / "run"
+  shutil.copytree(small_run, workdir)
+  vocab = seqio.get_mixture_or_task("demo_sentiment").output_features["targets"].vocabulary
+  positive = list(vocab.encode("positive")) + [1]  # then EOS
+
+  def answer_positive(self, params, inputs):
+    tokens = np.zeros((len(inputs), self.max_decode_len), np.int32)
+    tokens[:, :len(positive)] = positive
+    return tokens
+
+  monkeypatch.setattr(evaluate.Decoder, "__call__", answer_positive)
+  rc, out, err = cli("eval", "--workdir", workdir, "--tasks", "demo_sentiment",
+                     "--max-examples", 50)
+  assert rc == 0, err
+  for step in (10, 20):
+    assert (f"warning: step {step}: every demo_sentiment prediction is 'positive' "
+            "(a constant answer)") in out
+  results = json.loads((workdir / "eval" / "results.json").read_text())
+  assert results["steps"]["20"]["single_label"] == {"demo_sentiment": "positive"}
+  gold = _demo_labels("validation")[:50]
+  accuracy = 100 * sum(gold) / 50
+  f1_macro = 100 * sk.f1_score(gold, [1] * 50, average="macro", labels=[0, 1], zero_division=0)
+  assert results["steps"]["20"]["metrics"]["demo_sentiment"] == pytest.approx(
+      {"accuracy": accuracy, "f1_macro": f1_macro})
+  assert f1_macro < 50  # the metrics do not reward it
+
+
+def test_plot_marks_best_checkpoints_and_constant_baselines(tmp_path, monkeypatch):
+  import matplotlib.figure
+  figures = []
+  monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                      lambda self, *a, **k: figures.append(self))
+  steps = {"200": {"task_means": {"a": 60.0, "b": 10.0}, "average": 35.0},
+           "400": {"task_means": {"a": 50.0, "b": 20.0}, "average": 35.0}}
+  results = {"tasks": ["a", "b"], "steps": steps,
+             "best_per_task": {"a": {"step": 200, "mean": 60.0}, "b": {"step": 400, "mean": 20.0}},
+             "single_best_checkpoint": {"step": 400, "average": 35.0},
+             "baselines": {"a": {"best_constant": {"label": "yes", "mean": 42.0}}}}
+  evaluate.plot(results, str(tmp_path / "metrics.png"))
+  lines = figures[0].axes[0].lines
+  stars = {(line.get_xdata()[0], line.get_ydata()[0]) for line in lines if line.get_marker() == "*"}
+  assert stars == {(200, 60.0), (400, 20.0), (400, 35.0)}
+  dotted = [line for line in lines if line.get_linestyle() == ":"]
+  assert len(dotted) == 1 and list(dotted[0].get_ydata()) == [42.0, 42.0]
 
 
 def test_evaluator_caches_examples_and_is_deterministic(small_run):

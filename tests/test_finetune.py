@@ -89,7 +89,57 @@ def test_gradual_unfreezing_schedule_is_top_down_in_both_stacks():
   assert plan.trainable_count(1) < plan.trainable_count(2) < plan.trainable_count(3) == sum(plan.sizes.values())
   # steps_per_stage 0: the run's steps split evenly.
   c = config_lib.load(None, ["steps=30", "finetune.strategy=gradual_unfreezing"])
-  assert finetune.make_plan(c, nnx.state(model, nnx.Param)).steps_per_stage == 10
+  assert finetune.make_plan(c, nnx.state(model, nnx.Param)).stage_starts == (0, 10, 20)
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_gradual_unfreezing_stages_split_the_whole_run(accum):
+  """steps_per_stage 0: every stage gets its share of the run (whole optimizer updates, at most
+  one update apart) and the last one ends with it, whatever the remainder."""
+  params = nnx.state(nnx.eval_shape(lambda: T5(tiny_config(num_encoder_layers=4, num_decoder_layers=4),
+                                               rngs=nnx.Rngs(0))), nnx.Param)
+  for steps in range(4 * accum, 30 * accum + 1, accum):
+    c = config_lib.load(None, [f"steps={steps}", "finetune.strategy=gradual_unfreezing",
+                               f"optimizer.grad_accum_steps={accum}"])
+    plan = finetune.make_plan(c, params)
+    stages = [plan.stage_at(s) for s in range(1, steps + 1)]
+    assert stages == sorted(stages) and stages[-1] == 4, (steps, stages)
+    lengths = [stages.count(s) for s in range(1, 5)]
+    assert min(lengths) >= accum and max(lengths) - min(lengths) <= accum, (steps, lengths)
+    assert all(plan.start_step(s) % accum == 0 for s in range(1, 5)), (steps, plan.stage_starts)
+  c = config_lib.load(None, [f"steps={3 * accum}", "finetune.strategy=gradual_unfreezing",
+                             f"optimizer.grad_accum_steps={accum}"])
+  with pytest.raises(UserError, match=rf"'steps' \({3 * accum}\) is too few for gradual unfreezing: "
+                                      rf"this model has 4 stages .* at least {4 * accum} steps"):
+    finetune.make_plan(c, params)
+
+
+def test_gradual_unfreezing_names_the_blocks_each_stage_trains_and_freezes():
+  """The issue's run: 10 steps, 3 stages (said to be "3 stages of 3 steps", i.e. 9 of the 10)."""
+  params = nnx.state(nnx.eval_shape(lambda: T5(tiny_config(), rngs=nnx.Rngs(0))), nnx.Param)
+  plan = finetune.make_plan(config_lib.load(None, ["steps=10", "finetune.strategy=gradual_unfreezing"]), params)
+  total = sum(plan.sizes.values())
+  lines = plan.describe().splitlines()
+  assert lines[0] == "fine-tuning: gradual unfreezing in 3 stages (one compiled train step each):"
+  count = lambda stage: f"{plan.trainable_count(stage):,} of {total:,} parameters"  # noqa: E731
+  assert lines[1:] == [
+      f"  stage 1/3, steps 1-3: training encoder block 2, decoder block 2 + embedding, lm_head, final norms "
+      f"({count(1)}, {100 * plan.trainable_count(1) / total:.2f}%); frozen: encoder blocks 0-1, decoder blocks 0-1 "
+      "+ relative position biases",
+      f"  stage 2/3, steps 4-6: training encoder blocks 1-2, decoder blocks 1-2 + embedding, lm_head, final norms "
+      f"({count(2)}, {100 * plan.trainable_count(2) / total:.2f}%); frozen: encoder block 0, decoder block 0 "
+      "+ relative position biases",
+      f"  stage 3/3, steps 7-10: training everything ({total:,} parameters)"]
+  # `trainable` leaves the encoder out of every stage; a steps_per_stage longer than the run
+  plan = finetune.make_plan(config_lib.load(None, [
+      "steps=10", "finetune.strategy=gradual_unfreezing", "finetune.steps_per_stage=4",
+      "finetune.trainable=[decoder, embedding, lm_head]"]), params)
+  assert plan.describe_stage(3).startswith("stage 3/3, steps 9-10: training decoder + embedding, lm_head (")
+  assert plan.describe_stage(3).endswith("; frozen: encoder")
+  plan = finetune.make_plan(config_lib.load(None, [
+      "steps=6", "finetune.strategy=gradual_unfreezing", "finetune.steps_per_stage=4"]), params)
+  assert plan.describe_stage(2).startswith("stage 2/3, steps 5-6: ")
+  assert plan.describe_stage(3).startswith("stage 3/3, from step 9, after this run's 6 steps: ")
 
 
 def test_trainable_globs_and_strategy_defaults():

@@ -299,6 +299,40 @@ def test_span_f1_matches_seqeval(seed):
     assert scores["recall"] == pytest.approx(100 * micro["recall"])
 
 
+# --- constant-answer baselines ---------------------------------------------------------------
+
+
+def test_constant_baselines_score_each_label_with_the_metrics():
+  targets = [1, 1, 1, 0]  # three of four positive
+  fns = [metrics.accuracy, metrics.f1_macro]
+  baselines = metrics.constant_baselines(fns, targets, labels=[0, 1], majority=0)
+  # Answering 1: accuracy 75; F1 of label 1 is 2*.75*1/1.75, of label 0 it is 0 (sklearn agrees).
+  f1_macro_of_1 = 100 * sk.f1_score(targets, [1] * 4, average="macro")
+  assert f1_macro_of_1 == pytest.approx(100 * (6 / 7) / 2)
+  best = baselines["best_constant"]
+  assert best["label"] == 1 and best["mean"] == pytest.approx((75 + f1_macro_of_1) / 2)
+  assert best["metrics"] == pytest.approx({"accuracy": 75.0, "f1_macro": f1_macro_of_1})
+  # The majority class is the caller's (e.g. of the train split), whatever scores best here.
+  majority = baselines["majority_class"]
+  assert majority["label"] == 0 and majority["mean"] == pytest.approx(22.5)
+  assert majority["metrics"] == pytest.approx({"accuracy": 25.0, "f1_macro": 20.0})
+  assert list(baselines) == ["majority_class", "best_constant"]
+  assert "majority_class" not in metrics.constant_baselines(fns, targets, labels=[0, 1])
+  # Ties go to the first label.
+  assert metrics.constant_baselines(fns, [0, 1], labels=[1, 0])["best_constant"]["label"] == 1
+
+
+def test_f1_of_one_class_rewards_a_constant_answer_but_f1_macro_does_not():
+  """Why the demo sentiment task scores accuracy and macro-F1: with 51% positives, answering
+  "positive" everywhere got accuracy 51 and F1 67.5, a mean of 59.3 (a trained model's 59.3)."""
+  targets = [1] * 51 + [0] * 49
+  old = metrics.constant_baselines([metrics.accuracy, metrics.f1_binary], targets, [0, 1])
+  new = metrics.constant_baselines([metrics.accuracy, metrics.f1_macro], targets, [0, 1])
+  assert old["best_constant"]["mean"] == pytest.approx((51 + 100 * 102 / 151) / 2)  # 59.27
+  assert new["best_constant"]["mean"] == pytest.approx((51 + 100 * 51 / 151) / 2)  # 42.39
+  assert new["best_constant"]["mean"] < 50 < old["best_constant"]["mean"]
+
+
 # --- GLUE average and argument checks ---------------------------------------------------------
 
 

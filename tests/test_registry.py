@@ -144,6 +144,19 @@ def test_ner_conll_schemes(spec, scheme):
   check(s, [(inputs, targets) for inputs, targets, _ in NER_GOLD])
 
 
+@pytest.mark.parametrize("scheme", ["IOBES", "bilou"])
+def test_ner_every_scheme_the_parser_reads_is_accepted(spec, fixtures_dir, tmp_path, scheme):
+  """ner.SCHEMES is the one list: its aliases (any case) work in a task, not only in the parser."""
+  text = (fixtures_dir / "ner_bioes.conll").read_text()
+  if scheme == "bilou":
+    text = text.replace("\tE-", "\tL-").replace("\tS-", "\tU-")
+  path = tmp_path / f"ner_{scheme}.conll"
+  path.write_text(text)
+  s = spec(kind="ner", format="conll", splits={"train": str(path)}, scheme=scheme,
+           template="ner: {sentence}")
+  assert direct(s) == [(inputs, targets) for inputs, targets, _ in NER_GOLD]
+
+
 @pytest.mark.parametrize("scheme", ["iob1", "iob2", "bioes"])
 def test_ner_target_round_trip_through_pipeline(spec, scheme):
   s = spec(kind="ner", format="conll", splits={"train": f"ner_{scheme}.conll"}, scheme=scheme)
@@ -265,9 +278,10 @@ def test_select_squad_by_article(spec):
 
 
 def test_select_syntax_error(spec):
-  s = spec(kind="text", format="text", splits={"train": {"path": "text.txt", "select": "a:b"}})
-  with pytest.raises(UserError, match=r"select 'a:b' is not 'START:END'"):
-    registry.examples(s, "train")
+  """Found when the task is defined, before any data is read."""
+  with pytest.raises(UserError, match=r"key 'splits': split 'train': select 'a:b' is not "
+                                      r"'START:END'"):
+    spec(kind="text", format="text", splits={"train": {"path": "text.txt", "select": "a:b"}})
 
 
 def test_unknown_split_is_an_error(spec):
@@ -300,7 +314,7 @@ def from_dict(**changes):
 
 
 @pytest.mark.parametrize("changes, message", [
-    (dict(splits=...), r"defs.yaml: tasks\[3\]: missing required key 'splits'"),
+    (dict(splits=...), r"defs.yaml: tasks\[3\]: task 'ok': missing required key 'splits'"),
     (dict(kind=...), r"missing required key 'kind'"),
     (dict(lable_words=["a"]), r"unknown key 'lable_words' \(did you mean 'label_words'\?\)"),
     (dict(template=5), r"task 'ok': key 'template' must be a string, found int 5"),
@@ -319,7 +333,14 @@ def from_dict(**changes):
     (dict(format="xml"), r"key 'format': 'xml' is not one of"),
     (dict(tfds="glue/sst2"), r"give exactly one of 'format' \(local files\) or 'tfds'"),
     (dict(name="bad name"), r"key 'name': 'bad name' is not a valid task name"),
-    (dict(kind="ner", scheme="bilou2"), r"key 'scheme': 'bilou2' is not one of"),
+    (dict(kind="ner", scheme="bilou2"), r"key 'scheme': 'bilou2' is not one of iob1, iob2, bioes, "
+                                        r"iobes, bilou \(did you mean 'bilou'\?\)"),
+    (dict(template="{text"), r"key 'template': '\{text' is not a valid template \(expected '\}' "),
+    (dict(template="{0} and {}"), r"key 'template': '\{0\} and \{\}' has a placeholder without "
+                                  r"a name"),
+    (dict(splits={"train": {"path": "sst.tsv", "slect": ":5"}}),
+     r"key 'splits': split 'train': unknown key 'slect' \(did you mean 'select'\?\)"),
+    (dict(splits={"train": {"select": ":5"}}), r"key 'splits': split 'train': no 'path'"),
 ])
 def test_spec_errors(changes, message):
   with pytest.raises(UserError, match=message):
@@ -335,11 +356,60 @@ def test_label_not_in_label_words(spec, tmp_path):
     registry.examples(s, "train")
 
 
-def test_template_field_not_found(spec):
-  s = spec(kind="classification", format="tsv", splits={"train": "sst.tsv"},
-           template="{text}", label_words=["negative", "positive"])
-  with pytest.raises(UserError, match=r"sst.tsv:2: template field 'text' not found; available: "
-                                      r"sentence, label"):
+def test_spec_errors_name_the_line_of_the_key(fixtures_dir):
+  lines = {"name": "defs.yaml:4", "template": "defs.yaml:9", "splits": "defs.yaml:6",
+           "splits.train": "defs.yaml:7", "metrics": "defs.yaml:10", "metrics[1]": "defs.yaml:11"}
+  make = lambda **changes: registry.TaskSpec.from_dict(  # noqa: E731
+      {**BASE, **changes}, origin="defs.yaml:4", base_dir=str(fixtures_dir), key_origins=lines)
+  with pytest.raises(UserError, match=r"^defs.yaml:9: task 'ok': key 'template' must be a string"):
+    make(template=5)
+  with pytest.raises(UserError, match=r"^defs.yaml:7: task 'ok': key 'splits': split 'train' must"):
+    make(splits={"train": 5})
+  with pytest.raises(UserError, match=r"^defs.yaml:11: task 'ok': key 'metrics': unknown metric "
+                                      r"'acuracy' \(did you mean 'accuracy'\?\)"):
+    make(metrics=["f1", "acuracy"])
+  with pytest.raises(UserError, match=r"^defs.yaml:4: task 'ok': key 'kind'"):  # the task's line
+    make(kind="regression")
+
+
+@pytest.mark.parametrize("keys, message", [
+    (dict(template="{text}"), r"^defs.yaml:9: task 'ok': key 'template': placeholder \{text\} is "
+                              r"not a column of \S+/sst.tsv; its columns are sentence, label "
+                              r"\(\{name\} is the task name\)$"),
+    (dict(template="{sentense}"), r"placeholder \{sentense\} is not a column of \S+/sst.tsv \(did "
+                                  r"you mean \{sentence\}\?\)"),
+    (dict(template="{nme}: {sentence}"), r"\(did you mean \{name\}\?\)"),
+    (dict(label="labels"), r"^defs.yaml:4: task 'ok': key 'label': no column 'labels' in "
+                           r"\S+/sst.tsv \(did you mean 'label'\?\); its columns are sentence, "
+                           r"label$"),
+    (dict(template="{t}", fields={"t": "sentnce"}),
+     r"^defs.yaml:4: task 'ok': key 'fields': placeholder \{t\}: no column 'sentnce'"),
+])
+def test_column_mistakes_are_found_at_the_first_record(fixtures_dir, keys, message):
+  s = registry.TaskSpec.from_dict({**BASE, **keys}, origin="defs.yaml:4",
+                                  base_dir=str(fixtures_dir), key_origins={"template": "defs.yaml:9"})
+  with pytest.raises(UserError, match=message):
+    registry.examples(s, "train")
+
+
+def test_placeholders_that_are_no_column(spec):
+  """{name} (every kind), {sentence} (NER) and `fields` placeholders are not columns, and fine."""
+  s = spec(kind="ner", format="conll", splits={"train": "ner_iob2.conll"},
+           template="{name} {s} {sentence}", fields={"s": "tokens"})
+  assert direct(s)[1][0] == f"{s.name} Peter Blackburn Peter Blackburn"
+
+
+def test_a_later_record_without_a_column(spec, tmp_path):
+  path = tmp_path / "data.jsonl"
+  path.write_text('{"sentence": "a", "label": 1}\n{"sentence": "b"}\n{"label": 0}\n')
+  s = spec(kind="classification", format="jsonl", splits={"train": str(path)},
+           label_words=["x", "y"], template="{sentence}")
+  with pytest.raises(UserError, match=rf"^{path}:2: no label column 'label' in this record; its "
+                                      r"columns are sentence$"):
+    registry.examples(s, "train")
+  path.write_text('{"sentence": "a", "label": 1}\n{"label": 0}\n')
+  with pytest.raises(UserError, match=rf"^{path}:2: no column 'sentence' for the template in this "
+                                      r"record; its columns are label$"):
     registry.examples(s, "train")
 
 
@@ -368,7 +438,6 @@ def test_qa_answer_objects_are_accepted(spec, tmp_path):
      r"'tags' must be a list of strings \(tag names such as 'B-PER', not ids\), found \[1, 0\]"),
     ("ner", {"tokens": "Ada spoke", "tags": ["B-PER", "O"]}, {}, r"'tokens' must be a list of strings"),
     ("ner", {"tokens": ["Ada", "spoke"], "tags": ["B-PER"]}, {}, r"2 tokens but 1 tags"),
-    ("ner", {"words": ["Ada"]}, {}, r"NER record needs 'tokens' and 'tags'"),
     ("qa", {"question": "q", "context": "c", "answers": []}, {}, r"no answer in column 'answers'"),
     ("qa", {"question": "q", "context": "c", "answers": [3]}, {},
      r"column 'answers' must hold an answer text or a list of them, found \[3\]"),
@@ -376,9 +445,6 @@ def test_qa_answer_objects_are_accepted(spec, tmp_path):
      r"bad template '\{sentence.x\}'"),
     ("classification", {"sentence": "s", "label": 1}, {"template": "{label[0]}"},
      r"bad template '\{label\[0\]\}'"),
-    ("classification", {"sentence": "s"}, {}, r"label column 'label' not found"),
-    ("classification", {"sentence": "s", "label": 1}, {"fields": {"text": "review"}},
-     r"column 'review' \(for field 'text'\) not found; available: sentence, label"),
 ])
 def test_record_errors_name_file_and_line(spec, tmp_path, kind, record, extra, message):
   path = tmp_path / "data.jsonl"
@@ -403,7 +469,8 @@ def test_add_task_registers_and_names_its_caller(fixtures_dir, unique_name):
   with pytest.raises(UserError, match=rf"^{__file__}:\d+: task '{name}' is already defined "
                                       rf"\(by {__file__}:\d+\); pick another name$"):
     t5mix.add_task(name, kind="text", format="text", splits={"train": "x.txt"})
-  with pytest.raises(UserError, match=rf"^{__file__}:\d+: unknown key 'split'"):
+  with pytest.raises(UserError, match=rf"^{__file__}:\d+: task '\w+': unknown key 'split' "
+                                      r"\(did you mean 'splits'\?\)"):
     t5mix.add_task(unique_name("py"), kind="text", format="text", split={"train": "x"})
 
 

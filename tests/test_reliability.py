@@ -12,6 +12,7 @@ import pathlib
 import random
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -290,3 +291,44 @@ def test_disk_full_is_one_line_and_keeps_the_complete_checkpoints(env, trained, 
                    "at step 4 (No space left on device)", "rerun the same command")
   assert _steps(after) == [2]
   assert int(_state(after, 2)["step"]) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Ctrl-C or SIGTERM before the loop's save-and-exit handling (loading data, restoring, compiling).
+
+
+def test_ctrl_c_while_loading_data_says_nothing_was_saved(tmp_path, cli, monkeypatch):
+  from t5mix import input_pipeline
+
+  def ctrl_c(*args, **kwargs):
+    raise KeyboardInterrupt
+  monkeypatch.setattr(input_pipeline, "get_dataset", ctrl_c)
+  rc, _, err = cli("train", "--workdir", tmp_path / "run", *_flags(EIGHT))
+  assert rc == 130
+  assert err.strip().splitlines() == ["t5mix: interrupted (SIGINT): nothing was saved; rerunning the "
+                                      "same command starts from step 0"], err
+
+
+def test_sigterm_while_loading_data_is_reported_and_names_the_checkpoint_a_rerun_resumes_from(
+    trained, tmp_path, cli, monkeypatch):
+  from t5mix import input_pipeline
+  workdir = tmp_path / "run"
+  shutil.copytree(trained[0], workdir)
+
+  def sigterm(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(60)  # the handler interrupts this
+  monkeypatch.setattr(input_pipeline, "get_dataset", sigterm)
+
+  def unhandled(signum, frame):  # instead of this test process ending, as the run's did
+    raise AssertionError("t5mix train left SIGTERM to the default handler")
+  previous = signal.signal(signal.SIGTERM, unhandled)
+  try:
+    rc, _, err = cli("train", "--workdir", workdir, *_flags(EIGHT), "--set", "steps=10")
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+  assert rc == 143
+  assert err.strip().splitlines() == [
+      "t5mix: interrupted (SIGTERM): nothing was saved since the checkpoint at step 8; rerunning "
+      f"the same command resumes from it ({workdir}/checkpoints/8)"], err
+  assert _steps(workdir) == [2, 4, 6, 8]

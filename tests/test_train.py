@@ -1,6 +1,9 @@
 """Training: loss goes down, resume equals no interruption, init-from, SIGTERM, NaN, config errors."""
 
+import glob
+import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -226,3 +229,72 @@ def test_sigterm_saves_a_checkpoint(tmp_path):
   assert proc.returncode == 143, out
   assert "SIGTERM: saved checkpoint at step" in out
   assert any(s.isdigit() for s in os.listdir(tmp_path / "checkpoints"))
+
+
+# ---------------------------------------------------------------------------------------------
+# What a run reports: progress lines and TensorBoard.
+
+COMPILE_S = 5.0  # added to the tracing of every compiled train step
+
+
+@pytest.fixture(scope="module")
+def slow_compile_run(tmp_path_factory):
+  """10 steps of gradual unfreezing (2 stages, so 2 compiled train steps, the second at step 6),
+  each compilation made COMPILE_S slower: (workdir, log lines)."""
+  make_train_step = train.make_train_step
+
+  def slow_to_compile(*args, **kwargs):
+    step = make_train_step(*args, **kwargs)
+
+    def traced(*a):
+      time.sleep(COMPILE_S)  # runs while jax.jit traces the step, not when it runs
+      return step(*a)
+    return traced
+
+  workdir, lines = tmp_path_factory.mktemp("slow_compile"), []
+  with pytest.MonkeyPatch.context() as m:
+    m.setattr(train, "make_train_step", slow_to_compile)
+    train.train(_config("steps=10", "log_every=5", "checkpoint_every=10", "optimizer.schedule=cosine",
+                        "finetune.strategy=gradual_unfreezing"), str(workdir), log=lines.append)
+  return workdir, lines
+
+
+@pytest.mark.slow
+def test_steps_per_s_and_eta_leave_out_compilation(slow_compile_run):
+  _, lines = slow_compile_run
+  progress = [line for line in lines if line.startswith("step ")]
+  assert len(progress) == 2, lines
+  for line in progress:  # each period holds one compiling step (steps 1 and 6)
+    m = re.search(r"  ([\d.]+) steps/s \(([\d.]+) s compiling not counted\)  .* eta (\d+):(\d\d):(\d\d)  ", line)
+    assert m, line
+    steps_per_s, compile_s = float(m.group(1)), float(m.group(2))
+    eta = int(m.group(3)) * 3600 + int(m.group(4)) * 60 + int(m.group(5))
+    assert compile_s >= COMPILE_S, line
+    # counting the compiling step, 5 steps take more than COMPILE_S: < 1 step/s, an ETA for the
+    # 5 steps left of COMPILE_S or more
+    assert steps_per_s > 1 and eta < COMPILE_S, line
+  # the stage that compiled at step 6 is announced when it begins
+  after = lines[lines.index(progress[0]) + 1]
+  assert after.startswith("stage 2/2, steps 6-10: training everything ("), lines
+
+
+@pytest.mark.slow
+def test_tensorboard_has_learning_rate_and_padding_share(slow_compile_run):
+  import tensorflow as tf
+  workdir, lines = slow_compile_run
+  scalars = {}
+  for path in glob.glob(str(workdir / "tensorboard" / "events.*")):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      for value in event.summary.value:
+        scalars[value.tag, event.step] = float(tf.make_ndarray(value.tensor))
+  # optimizer.schedule=cosine, learning_rate 1e-2, warmup_steps 5, steps 10: step s's update uses
+  # the rate at optax's count s - 1: a linear warmup to 1e-2 at 5, then a cosine to 0 at 10.
+  assert scalars["learning_rate", 5] == pytest.approx(1e-2 * 4 / 5)
+  assert scalars["learning_rate", 10] == pytest.approx(1e-2 * 0.5 * (1 + math.cos(math.pi * 4 / 5)))
+  fills = [float(re.search(r"\((\d+)% non-padding\)", line).group(1)) / 100
+           for line in lines if line.startswith("step ")]
+  shares = [scalars["padding_share", s] for s in (5, 10)]
+  assert all(0 < share < 1 for share in shares), shares
+  for share, fill in zip(shares, fills):  # the line's non-padding share, rounded to a percent
+    assert share == pytest.approx(1 - fill, abs=0.0051)
+  assert ("steps_per_s", 5) in scalars and ("tokens_per_s", 10) in scalars

@@ -1,0 +1,251 @@
+"""Transfer from a real pretrained T5: the real-data mixture fine-tuned from flan-t5-small-kd,
+against the same budget from random weights.
+
+    python benchmarks/transfer.py [--workdir /tmp/t5mix-transfer] [--steps 400] [--rte-steps 100]
+                                  [--max-examples N] [--results benchmarks/RESULTS.md] [--json FILE]
+
+Every step is an ordinary t5mix command, printed before it runs:
+
+  import   `t5mix import-hf ../shared/models/flan-t5-small-kd` (model.yaml, spiece.model, weights)
+  heldout  held-out splits that share no text with training, written to WORKDIR/data with a task
+           file WORKDIR/tasks.yaml: SST-2's last 1,000 rows, with every training row that contains
+           or is contained in a held-out row dropped (SST-2 holds many sub-phrases of the same
+           reviews); RTE's last 250 pairs; SQuAD's last 20% of articles; CoNLL-2003's valid.txt
+  0        the imported model before fine-tuning
+  a        T=2 multitask fine-tuning from it (configs/finetune_pretrained.yaml)
+  s        the same steps and batch from random weights of the same shape and vocabulary, with the
+           from-scratch recipe of benchmarks/quality.py (AdamW x parameter scale, cosine)
+  r        RTE alone from the imported model, and from (a): T5's "multi-task, then fine-tune"
+
+Each model is scored with `t5mix eval` on the WHOLE held-out splits (--max-examples only for a smoke
+run); classification scores come with their majority-class baseline. Runs already finished in
+--workdir are reused, so an interrupted benchmark resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+
+import yaml
+
+import quality  # the sibling benchmark (run as a script, benchmarks/ is on the path): its runner
+
+ROOT = quality.ROOT
+SHARED = os.path.join(os.path.dirname(ROOT), "shared")
+PRETRAINED_HF = os.path.join(SHARED, "models", "flan-t5-small-kd")
+TASKS = ["transfer_sst2", "transfer_rte", "transfer_squad", "transfer_conll"]
+MIXTURE = "transfer_supervised"
+# The from-scratch recipe (benchmarks/real_data/supervised.yaml's optimizer): the best this project
+# found for random weights; the fine-tuning recipe (Adafactor 1e-3, constant) suits pretrained ones.
+SCRATCH_OPTIMIZER = ["optimizer.name=adamw", "optimizer.learning_rate=0.03",
+                     "optimizer.parameter_scale=true", "optimizer.schedule=cosine",
+                     "optimizer.warmup_steps=100", "optimizer.weight_decay=0.01"]
+
+
+def _normalise(text: str) -> str:
+  return " ".join(text.lower().split())
+
+
+def carve_sst2(out_dir: str, held_out_rows: int = 1000) -> dict:
+  """SST-2 train.tsv → train/held-out TSVs with no shared text: the last rows are held out, and a
+  training row that contains a held-out row or is contained in one is dropped."""
+  with open(os.path.join(SHARED, "data", "sst2", "train.tsv"), newline="") as f:
+    rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+  header, rows = rows[0], rows[1:]
+  train, held = rows[:-held_out_rows], rows[-held_out_rows:]
+  held_texts = [_normalise(r[0]) for r in held]
+  # Padded with spaces so that containment is of whole words.
+  held_padded = [f" {t} " for t in held_texts]
+  kept = []
+  for row in train:
+    text = f" {_normalise(row[0])} "
+    if any(h in text or text in h for h in held_padded):
+      continue
+    kept.append(row)
+  for name, part in (("train", kept), ("heldout", held)):
+    with open(os.path.join(out_dir, f"sst2_{name}.tsv"), "w", newline="") as f:
+      writer = csv.writer(f, delimiter="\t", quoting=csv.QUOTE_NONE, escapechar="\\",
+                          lineterminator="\n")
+      writer.writerow(header)
+      writer.writerows(part)
+  return {"sst2_train_rows": len(train), "sst2_train_kept": len(kept), "sst2_heldout": len(held)}
+
+
+def write_tasks(workdir: str) -> tuple[str, dict]:
+  """WORKDIR/tasks.yaml over the carved files and the shared data; returns (path, carve stats)."""
+  data_dir = os.path.join(workdir, "data")
+  os.makedirs(data_dir, exist_ok=True)
+  stats = carve_sst2(data_dir)
+  shared = os.path.join(SHARED, "data")
+  squad = os.path.join(shared, "squad", "squad-v1.1-part-a.json")
+  rte = os.path.join(shared, "rte", "train.tsv")
+  doc = {"tasks": [
+      {"name": "transfer_sst2", "kind": "classification", "format": "tsv",
+       "splits": {"train": os.path.join(data_dir, "sst2_train.tsv"),
+                  "validation": os.path.join(data_dir, "sst2_heldout.tsv")},
+       "template": "sst2 sentence: {text}", "label_words": ["negative", "positive"],
+       "metrics": ["accuracy"]},
+      {"name": "transfer_rte", "kind": "classification", "format": "tsv",
+       "splits": {"train": {"path": rte, "select": ":-250"},
+                  "validation": {"path": rte, "select": "-250:"}},
+       "template": "rte sentence1: {sentence1} sentence2: {sentence2}",
+       "label_words": ["entailment", "not_entailment"], "metrics": ["accuracy"]},
+      {"name": "transfer_squad", "kind": "qa", "format": "squad_json",
+       "splits": {"train": {"path": squad, "select": ":80%"},
+                  "validation": {"path": squad, "select": "80%:"}}},
+      {"name": "transfer_conll", "kind": "ner", "format": "conll", "scheme": "iob2",
+       "splits": {"train": os.path.join(shared, "conll2003", "train.txt"),
+                  "validation": os.path.join(shared, "conll2003", "valid.txt")}},
+  ], "mixtures": [{"name": MIXTURE, "rate": "temperature", "temperature": 2.0, "tasks": TASKS}]}
+  path = os.path.join(workdir, "tasks.yaml")
+  with open(path, "w") as f:
+    yaml.safe_dump(doc, f, sort_keys=False)
+  return path, stats
+
+
+class Transfer(quality.Bench):
+  """quality.Bench's bookkeeping (runs.json, reuse of finished runs) for runs that take their
+  vocabulary from the imported model rather than a trained one."""
+
+  def __init__(self, args):
+    super().__init__(args)
+    self.pretrained = os.path.join(self.workdir, "pretrained")
+    self.tasks_yaml = None
+    self.max_examples = args.max_examples
+
+  def prepare(self):
+    if not os.path.isdir(os.path.join(self.pretrained, "checkpoints")):
+      quality.run(["t5mix", "import-hf", PRETRAINED_HF, "--out", self.pretrained],
+                  os.path.join(self.workdir, "logs", "import.log"))
+    self.tasks_yaml, stats = write_tasks(self.workdir)
+    self.runs.setdefault("carve", {}).update(stats)
+    self.runs.setdefault("pretrained", {"steps": 0, "train_seconds": 0.0})
+    self.save()
+
+  def train(self, name, steps, *, init_from=None, overrides=()):
+    workdir = os.path.join(self.workdir, name)
+    done = os.path.join(workdir, "checkpoints", str(steps))
+    if os.path.isdir(done) and self.runs.get(name, {}).get("steps") == steps:
+      return workdir
+    self.runs.pop(name, None)
+    cmd = ["t5mix", "train", "--config", "configs/finetune_pretrained.yaml", "--workdir", workdir,
+           "--tasks-dir", self.tasks_yaml, "--quiet", "--set", f"data.mixture={MIXTURE}",
+           "--set", f"steps={steps}", "--set", f"checkpoint_every={max(1, steps // 4)}"]
+    for o in overrides:
+      cmd += ["--set", o]
+    if init_from:
+      cmd += ["--init-from", os.path.join(self.workdir, init_from)]
+    seconds = quality.run(cmd, os.path.join(self.workdir, "logs", f"{name}.log"))
+    self.runs[name] = dict(steps=steps, train_seconds=round(seconds, 1))
+    self.save()
+    return workdir
+
+  def evaluate(self, name, tasks):
+    if "metrics" in self.runs[name]:
+      return self.runs[name]
+    workdir = os.path.join(self.workdir, name)
+    cmd = ["t5mix", "eval", "--workdir", workdir, "--checkpoints", "latest", "--tasks",
+           ",".join(tasks), "--tasks-dir", self.tasks_yaml]
+    if self.max_examples:
+      cmd += ["--max-examples", str(self.max_examples)]
+    seconds = quality.run(cmd, os.path.join(self.workdir, "logs", f"{name}.eval.log"))
+    with open(os.path.join(workdir, "eval", "results.json")) as f:
+      results = json.load(f)
+    (entry,) = results["steps"].values()
+    self.runs[name].update(eval_seconds=round(seconds, 1), metrics=entry["metrics"],
+                           task_means=entry["task_means"], average=entry["average"],
+                           baselines=results.get("baselines", {}))
+    self.save()
+    return self.runs[name]
+
+
+def table(bench: Transfer, rows: list[tuple]) -> list[str]:
+  columns = [("transfer_sst2", "accuracy", "SST-2 acc"), ("transfer_rte", "accuracy", "RTE acc"),
+             ("transfer_squad", "f1", "SQuAD F1"), ("transfer_squad", "em", "SQuAD EM"),
+             ("transfer_conll", "f1", "CoNLL F1")]
+  lines = ["| run | steps | " + " | ".join(c[2] for c in columns) + " | train min |",
+           "|---|---:|" + "---:|" * (len(columns) + 1)]
+  baselines = {}
+  for label, name, *before in rows:
+    r = bench.runs.get(name)
+    if not r or "metrics" not in r:
+      continue
+    baselines.update(r.get("baselines", {}))
+    steps = r["steps"] + sum(bench.runs[b]["steps"] for b in before)
+    minutes = (r["train_seconds"] + sum(bench.runs[b]["train_seconds"] for b in before)) / 60
+    cells = []
+    for task, metric, _ in columns:
+      value = r["metrics"].get(task, {}).get(metric)
+      cells.append("" if value is None else f"{value:.1f}")
+    lines.append(f"| {label} | {steps} | " + " | ".join(cells) + f" | {minutes:.1f} |")
+  majority = []
+  for task, metric, title in columns[:2]:
+    value = baselines.get(task, {}).get("majority", {}).get("metrics", {}).get(metric)
+    if value is not None:
+      majority.append(f"{title} {value:.1f}")
+  if majority:
+    lines += ["", "Majority class (the training split's most frequent label, on the held-out "
+              "split): " + ", ".join(majority) + "."]
+  return lines
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--workdir", default="/tmp/t5mix-transfer")
+  parser.add_argument("--steps", type=int, default=400, help="multitask fine-tuning steps (a, s)")
+  parser.add_argument("--rte-steps", type=int, default=100, help="RTE-alone steps (r)")
+  parser.add_argument("--parts", default="0,a,s,r", help="subset of 0,a,s,r")
+  parser.add_argument("--max-examples", type=int, help="score at most N examples per task "
+                                                       "(a smoke run; the table is for whole splits)")
+  parser.add_argument("--results", help="write the table into this markdown file (RESULTS.md)")
+  parser.add_argument("--json", help="write every run's steps, times and metrics here")
+  args = parser.parse_args()
+  if not os.path.isdir(PRETRAINED_HF):
+    sys.exit(f"{PRETRAINED_HF}: not found (the shared pretrained T5)")
+  parts = set(args.parts.split(","))
+  bench = Transfer(args)
+  bench.prepare()
+  rows = []
+  if "0" in parts:
+    bench.evaluate("pretrained", TASKS)
+    rows.append(("imported, before fine-tuning", "pretrained"))
+  if parts & {"a", "r"}:
+    bench.train("a_pretrained_t2", args.steps, init_from="pretrained")
+    bench.evaluate("a_pretrained_t2", TASKS)
+    rows.append(("(a) from the pretrained T5, T=2", "a_pretrained_t2"))
+  if "s" in parts:
+    bench.train("s_scratch_t2", args.steps, overrides=(
+        f"model={os.path.join(bench.pretrained, 'model.yaml')}",
+        f"data.vocab={os.path.join(bench.pretrained, 'spiece.model')}", *SCRATCH_OPTIMIZER))
+    bench.evaluate("s_scratch_t2", TASKS)
+    rows.append(("(s) from random weights, T=2", "s_scratch_t2"))
+  if "r" in parts:
+    rte = ("data.mixture=transfer_rte",)
+    bench.train("r_rte_from_pretrained", args.rte_steps, init_from="pretrained", overrides=rte)
+    bench.evaluate("r_rte_from_pretrained", ["transfer_rte"])
+    rows.append(("(r) RTE alone, from the pretrained T5", "r_rte_from_pretrained"))
+    bench.train("r_rte_from_a", args.rte_steps, init_from="a_pretrained_t2", overrides=rte)
+    bench.evaluate("r_rte_from_a", ["transfer_rte"])
+    rows.append(("(r) RTE alone, from (a)", "r_rte_from_a", "a_pretrained_t2"))
+  minutes = sum(r.get("train_seconds", 0) + r.get("eval_seconds", 0)
+                for r in bench.runs.values() if isinstance(r, dict)) / 60
+  carve = bench.runs["carve"]
+  lines = table(bench, rows) + [
+      "", f"SST-2: {carve['sst2_train_kept']:,} of {carve['sst2_train_rows']:,} training rows kept "
+      f"(the others contain, or are contained in, one of the {carve['sst2_heldout']:,} held-out "
+      f"rows). Total {minutes:.0f} min of training and evaluation on {os.cpu_count()} CPU cores."]
+  print("\n".join(lines))
+  command = "python benchmarks/transfer.py" + (f" --steps {args.steps}" if args.steps != 400 else "")
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump({"minutes": minutes, "runs": bench.runs}, f, indent=2)
+  if args.results:
+    quality.write_results(args.results, command, lines, marker="transfer")
+
+
+if __name__ == "__main__":
+  main()

@@ -114,12 +114,15 @@ class Bench:
     return self.runs[name]
 
 
-def table(bench: Bench, rows: list[tuple]) -> list[str]:
-  """Markdown rows: one per (label, run[, runs before it]), columns = the main metric of each task
-  + average; steps and minutes include the runs before it (part b's pretraining)."""
-  columns = [("real_sst2", "accuracy", "SST-2 acc"), ("real_rte", "accuracy", "RTE acc"),
-             ("real_squad", "f1", "SQuAD F1"), ("real_squad", "em", "SQuAD EM"),
-             ("real_conll", "f1", "CoNLL F1")]
+COLUMNS = [("real_sst2", "accuracy", "SST-2 acc"), ("real_rte", "accuracy", "RTE acc"),
+           ("real_squad", "f1", "SQuAD F1"), ("real_squad", "em", "SQuAD EM"),
+           ("real_conll", "f1", "CoNLL F1")]
+
+
+def table(bench: Bench, rows: list[tuple], columns=COLUMNS) -> list[str]:
+  """Markdown rows: one per (label, run[, runs before it]), columns = (task, metric, title) of each
+  task's main metrics + average; steps and minutes include the runs before it (part b's
+  pretraining)."""
   lines = ["| run | steps | " + " | ".join(c[2] for c in columns) + " | average | train min |",
            "|---|---:|" + "---:|" * (len(columns) + 2)]
   for label, name, *before in rows:

@@ -1,7 +1,7 @@
 """Transfer from a real pretrained T5: the real-data mixture fine-tuned from flan-t5-small-kd,
 against the same budget from random weights.
 
-    python benchmarks/transfer.py [--workdir /tmp/t5mix-transfer] [--steps 400] [--rte-steps 100]
+    python benchmarks/transfer.py [--workdir /tmp/t5mix-transfer] [--steps 180] [--rte-steps 60]
                                   [--max-examples N] [--results benchmarks/RESULTS.md] [--json FILE]
 
 Every step is an ordinary t5mix command, printed before it runs:
@@ -39,6 +39,7 @@ SHARED = os.path.join(os.path.dirname(ROOT), "shared")
 PRETRAINED_HF = os.path.join(SHARED, "models", "flan-t5-small-kd")
 TASKS = ["transfer_sst2", "transfer_rte", "transfer_squad", "transfer_conll"]
 MIXTURE = "transfer_supervised"
+INPUTS_LENGTH, TARGETS_LENGTH = 384, 64  # as in configs/finetune_pretrained.yaml
 # The from-scratch recipe (benchmarks/real_data/supervised.yaml's optimizer): the best this project
 # found for random weights; the fine-tuning recipe (Adafactor 1e-3, constant) suits pretrained ones.
 SCRATCH_OPTIMIZER = ["optimizer.name=adamw", "optimizer.learning_rate=0.03",
@@ -67,11 +68,8 @@ def carve_sst2(out_dir: str, held_out_rows: int = 1000) -> dict:
       continue
     kept.append(row)
   for name, part in (("train", kept), ("heldout", held)):
-    with open(os.path.join(out_dir, f"sst2_{name}.tsv"), "w", newline="") as f:
-      writer = csv.writer(f, delimiter="\t", quoting=csv.QUOTE_NONE, escapechar="\\",
-                          lineterminator="\n")
-      writer.writerow(header)
-      writer.writerows(part)
+    with open(os.path.join(out_dir, f"sst2_{name}.tsv"), "w") as f:  # unquoted, as the source
+      f.writelines("\t".join(row) + "\n" for row in [header, *part])
   return {"sst2_train_rows": len(train), "sst2_train_kept": len(kept), "sst2_heldout": len(held)}
 
 
@@ -148,8 +146,10 @@ class Transfer(quality.Bench):
     if "metrics" in self.runs[name]:
       return self.runs[name]
     workdir = os.path.join(self.workdir, name)
+    # The fine-tuning recipe's lengths for every model, the imported one (no config.yaml) too.
     cmd = ["t5mix", "eval", "--workdir", workdir, "--checkpoints", "latest", "--tasks",
-           ",".join(tasks), "--tasks-dir", self.tasks_yaml]
+           ",".join(tasks), "--tasks-dir", self.tasks_yaml, "--inputs-length", str(INPUTS_LENGTH),
+           "--targets-length", str(TARGETS_LENGTH)]
     if self.max_examples:
       cmd += ["--max-examples", str(self.max_examples)]
     seconds = quality.run(cmd, os.path.join(self.workdir, "logs", f"{name}.eval.log"))
@@ -163,28 +163,19 @@ class Transfer(quality.Bench):
     return self.runs[name]
 
 
+COLUMNS = [(task.replace("real_", "transfer_"), metric, title)
+           for task, metric, title in quality.COLUMNS]
+
+
 def table(bench: Transfer, rows: list[tuple]) -> list[str]:
-  columns = [("transfer_sst2", "accuracy", "SST-2 acc"), ("transfer_rte", "accuracy", "RTE acc"),
-             ("transfer_squad", "f1", "SQuAD F1"), ("transfer_squad", "em", "SQuAD EM"),
-             ("transfer_conll", "f1", "CoNLL F1")]
-  lines = ["| run | steps | " + " | ".join(c[2] for c in columns) + " | train min |",
-           "|---|---:|" + "---:|" * (len(columns) + 1)]
+  """quality.py's table over this benchmark's tasks, and the majority-class baselines."""
+  lines = quality.table(bench, rows, COLUMNS)
   baselines = {}
-  for label, name, *before in rows:
-    r = bench.runs.get(name)
-    if not r or "metrics" not in r:
-      continue
-    baselines.update(r.get("baselines", {}))
-    steps = r["steps"] + sum(bench.runs[b]["steps"] for b in before)
-    minutes = (r["train_seconds"] + sum(bench.runs[b]["train_seconds"] for b in before)) / 60
-    cells = []
-    for task, metric, _ in columns:
-      value = r["metrics"].get(task, {}).get(metric)
-      cells.append("" if value is None else f"{value:.1f}")
-    lines.append(f"| {label} | {steps} | " + " | ".join(cells) + f" | {minutes:.1f} |")
+  for _, name, *_ in rows:
+    baselines.update(bench.runs.get(name, {}).get("baselines", {}))
   majority = []
-  for task, metric, title in columns[:2]:
-    value = baselines.get(task, {}).get("majority", {}).get("metrics", {}).get(metric)
+  for task, metric, title in COLUMNS[:2]:
+    value = baselines.get(task, {}).get("majority_class", {}).get("metrics", {}).get(metric)
     if value is not None:
       majority.append(f"{title} {value:.1f}")
   if majority:
@@ -196,14 +187,16 @@ def table(bench: Transfer, rows: list[tuple]) -> list[str]:
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--workdir", default="/tmp/t5mix-transfer")
-  parser.add_argument("--steps", type=int, default=400, help="multitask fine-tuning steps (a, s)")
-  parser.add_argument("--rte-steps", type=int, default=100, help="RTE-alone steps (r)")
+  # 180 steps of 16 x (384+64) tokens: ~45 minutes on 2 CPU cores (14.5 s a step, RESULTS.md).
+  parser.add_argument("--steps", type=int, default=180, help="multitask fine-tuning steps (a, s)")
+  parser.add_argument("--rte-steps", type=int, default=60, help="RTE-alone steps (r)")
   parser.add_argument("--parts", default="0,a,s,r", help="subset of 0,a,s,r")
   parser.add_argument("--max-examples", type=int, help="score at most N examples per task "
                                                        "(a smoke run; the table is for whole splits)")
   parser.add_argument("--results", help="write the table into this markdown file (RESULTS.md)")
   parser.add_argument("--json", help="write every run's steps, times and metrics here")
   args = parser.parse_args()
+  args.scale = 1.0  # quality.Bench's step multiplier; this benchmark takes step counts
   if not os.path.isdir(PRETRAINED_HF):
     sys.exit(f"{PRETRAINED_HF}: not found (the shared pretrained T5)")
   parts = set(args.parts.split(","))
@@ -239,7 +232,9 @@ def main():
       f"(the others contain, or are contained in, one of the {carve['sst2_heldout']:,} held-out "
       f"rows). Total {minutes:.0f} min of training and evaluation on {os.cpu_count()} CPU cores."]
   print("\n".join(lines))
-  command = "python benchmarks/transfer.py" + (f" --steps {args.steps}" if args.steps != 400 else "")
+  command = "python benchmarks/transfer.py"
+  command += f" --parts {args.parts}" if args.parts != "0,a,s,r" else ""
+  command += f" --steps {args.steps}" if args.steps != 180 else ""
   if args.json:
     with open(args.json, "w") as f:
       json.dump({"minutes": minutes, "runs": bench.runs}, f, indent=2)

@@ -78,6 +78,11 @@ def test_one_vocabulary_and_the_run_remembers_its_definitions(cli, clean_registr
   rc, out, err = cli(*args)
   assert rc == 0, err
   assert f"note: edited since {workdir}'s run was trained: {path} (edited)" in err
+  # ... and so does resuming it.
+  rc, out, err = cli("train", "--tasks-dir", path, "--vocab", "demo", "--set",
+                     f"data.mixture={mixture}", "--workdir", workdir, *TINY_RUN, "--set", "steps=3")
+  assert rc == 0, err
+  assert f"note: edited since this workdir's run last trained: {path} (edited)" in out
 
 
 def test_rerun_of_a_finished_run_reads_nothing(cli, clean_registry, user_tasks, tmp_path):

@@ -224,8 +224,9 @@ def main():
     bench.train("r_rte_from_a", args.rte_steps, init_from="a_pretrained_t2", overrides=rte)
     bench.evaluate("r_rte_from_a", ["transfer_rte"])
     rows.append(("(r) RTE alone, from (a)", "r_rte_from_a", "a_pretrained_t2"))
-  minutes = sum(r.get("train_seconds", 0) + r.get("eval_seconds", 0)
-                for r in bench.runs.values() if isinstance(r, dict)) / 60
+  shown = {name for _, *names in rows for name in names}  # the table's runs and those before them
+  minutes = sum(bench.runs[n].get("train_seconds", 0) + bench.runs[n].get("eval_seconds", 0)
+                for n in shown) / 60
   carve = bench.runs["carve"]
   lines = table(bench, rows) + [
       "", f"SST-2: {carve['sst2_train_kept']:,} of {carve['sst2_train_rows']:,} training rows kept "

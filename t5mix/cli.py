@@ -378,9 +378,10 @@ def cmd_train(args) -> int:
 
 def cmd_import_hf(args) -> int:
   from t5mix import convert
+  from t5mix import vocab as vocab_lib
   path = convert.import_hf(args.hf_dir, args.out)
   out = shlex.quote(args.out)
-  if os.path.exists(os.path.join(args.out, "spiece.model")):
+  if os.path.exists(os.path.join(args.out, vocab_lib.WORKDIR_VOCAB_FILE)):
     source = f"the model and its vocabulary come from {out}"
   else:  # the HF checkpoint had no spiece.model
     source = f"the model comes from {out}; name its vocabulary with --vocab FILE.model"

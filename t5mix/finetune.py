@@ -62,6 +62,7 @@ import numpy as np
 import optax
 
 from t5mix import config as config_lib
+from t5mix import vocab as vocab_lib
 from t5mix import peft
 from t5mix.errors import UserError
 
@@ -631,10 +632,10 @@ def merge_adapters(base_workdir: str, adapters_path: str, out_workdir: str, *, f
   if run_config:
     with open(os.path.join(out_workdir, "config.yaml"), "w") as f:
       yaml.safe_dump(run_config, f, sort_keys=False)
-  vocab = os.path.join(base_workdir, "spiece.model")
+  vocab = os.path.join(base_workdir, vocab_lib.WORKDIR_VOCAB_FILE)
   if os.path.exists(vocab):
     import shutil
-    shutil.copy(vocab, os.path.join(out_workdir, "spiece.model"))
+    shutil.copy(vocab, os.path.join(out_workdir, vocab_lib.WORKDIR_VOCAB_FILE))
   manager = ocp.CheckpointManager(ckpt_dir, item_names=("state", "data"))
   manager.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave(
       {"step": 0, "params": nnx.state(model, nnx.Param)})))

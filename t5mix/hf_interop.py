@@ -20,9 +20,9 @@ from safetensors.numpy import save_file
 
 from t5mix.errors import UserError
 from t5mix.model import T5, T5Config
-from t5mix.vocab import EXTRA_IDS
+from t5mix.vocab import EXTRA_IDS, WORKDIR_VOCAB_FILE
 
-VOCAB_FILE = "spiece.model"
+VOCAB_FILE = WORKDIR_VOCAB_FILE  # HF's name, also a workdir's
 # What import reads from a Hub repository (never the pickled *.bin weights); tokenizer files for
 # anyone who uses the cached copy with transformers.
 HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", VOCAB_FILE,

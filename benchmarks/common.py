@@ -18,7 +18,8 @@ from flax import nnx  # noqa: E402
 
 from t5mix import config as config_lib, definitions, input_pipeline  # noqa: E402
 from t5mix.model import T5, load_model_config  # noqa: E402
-from t5mix.train import TrainState, make_optimizer, make_train_step  # noqa: E402
+from t5mix.optim import base_optimizer  # noqa: E402
+from t5mix.train import TrainState, make_train_step  # noqa: E402
 
 
 def pipeline(mixture: str, inputs_length: int, targets_length: int, batch: int, pack: bool,
@@ -35,7 +36,7 @@ def train_stepper(model_name: str, vocab_size: int, num_tasks: int):
   graphdef, params = nnx.split(T5(c, rngs=nnx.Rngs(0)), nnx.Param)
   tc = config_lib.load(None, ["optimizer.name=adamw", "optimizer.learning_rate=1e-4",
                               "optimizer.parameter_scale=false"])
-  optimizer = make_optimizer(tc.optimizer, 1000)
+  optimizer = base_optimizer(tc.optimizer, 1000)
   box = [TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))]
   step_fn = jax.jit(make_train_step(graphdef, optimizer, tc, num_tasks), donate_argnums=(0,))
   key = jax.random.key(0)

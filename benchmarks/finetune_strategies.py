@@ -136,8 +136,8 @@ def validation_loss(workdir: str, lengths: dict) -> dict:
   import numpy as np
   from flax import nnx
 
-  from t5mix import convert, input_pipeline, train
-  _, model = convert.load_workdir_params(workdir)
+  from t5mix import checkpoints, input_pipeline, train
+  _, model = checkpoints.load_workdir_params(workdir)
   graphdef, params = nnx.split(model, nnx.Param)
   names = [t.name for t in input_pipeline.leaf_tasks("demo_supervised")]
 

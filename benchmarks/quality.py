@@ -41,16 +41,24 @@ MAX_EVAL_EXAMPLES = 500
 
 def run(cmd: list[str], log_path: str) -> float:
   """Runs a t5mix command from the project root, its output to log_path; returns seconds."""
+  return run_measured(cmd, log_path)[0]
+
+
+def run_measured(cmd: list[str], log_path: str) -> tuple[float, float]:
+  """As run; returns (seconds, the command's peak resident memory in GiB)."""
   print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
   start = time.time()
   with open(log_path, "w") as log:
-    proc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage, not all children's
+    proc.returncode = os.waitstatus_to_exitcode(status)
+  seconds = time.time() - start
   if proc.returncode:
     with open(log_path) as f:
       tail = f.read().splitlines()[-5:]
     sys.exit(f"command failed (exit {proc.returncode}); end of {log_path}:\n" + "\n".join(tail))
-  return time.time() - start
+  return seconds, usage.ru_maxrss / 2**20  # Linux reports KiB
 
 
 class Bench:

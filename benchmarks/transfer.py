@@ -1,8 +1,9 @@
 """Transfer from a real pretrained T5: the real-data mixture fine-tuned from flan-t5-small-kd,
 against the same budget from random weights.
 
-    python benchmarks/transfer.py [--workdir /tmp/t5mix-transfer] [--steps 180] [--rte-steps 60]
-                                  [--max-examples N] [--results benchmarks/RESULTS.md] [--json FILE]
+    python benchmarks/transfer.py [--workdir /tmp/t5mix-transfer] [--steps 180] [--rte-steps 30]
+                                  [--parts 0,a,s,r,c] [--max-examples N]
+                                  [--results benchmarks/RESULTS.md] [--json FILE]
 
 Every step is an ordinary t5mix command, printed before it runs:
 
@@ -16,10 +17,12 @@ Every step is an ordinary t5mix command, printed before it runs:
   s        the same steps and batch from random weights of the same shape and vocabulary, with the
            from-scratch recipe of benchmarks/quality.py (AdamW x parameter scale, cosine)
   r        RTE alone from the imported model, and from (a): T5's "multi-task, then fine-tune"
+  c        (a)'s earlier checkpoints (every CURVE_EVERY steps) scored too: the metric against steps
 
 Each model is scored with `t5mix eval` on the WHOLE held-out splits (--max-examples only for a smoke
-run); classification scores come with their majority-class baseline. Runs already finished in
---workdir are reused, so an interrupted benchmark resumes.
+run); classification scores come with their majority-class baseline. Each training run's step time
+(its last logged rate) and peak resident memory are printed under the table. Runs already finished
+in --workdir are reused, and an interrupted one resumes, so an interrupted benchmark goes on.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import argparse
 import csv
 import json
 import os
+import re
 import sys
 
 import yaml
@@ -40,6 +44,7 @@ PRETRAINED_HF = os.path.join(SHARED, "models", "flan-t5-small-kd")
 TASKS = ["transfer_sst2", "transfer_rte", "transfer_squad", "transfer_conll"]
 MIXTURE = "transfer_supervised"
 INPUTS_LENGTH, TARGETS_LENGTH = 384, 64  # as in configs/finetune_pretrained.yaml
+CURVE_EVERY = 50  # the training runs' checkpoint interval: the points of the metric-against-steps curve
 # The from-scratch recipe (benchmarks/real_data/supervised.yaml's optimizer): the best this project
 # found for random weights; the fine-tuning recipe (Adafactor 1e-3, constant) suits pretrained ones.
 SCRATCH_OPTIMIZER = ["optimizer.name=adamw", "optimizer.learning_rate=0.03",
@@ -125,42 +130,65 @@ class Transfer(quality.Bench):
     self.save()
 
   def train(self, name, steps, *, init_from=None, overrides=()):
+    """A `t5mix train` run in WORKDIR/name, checkpointed every CURVE_EVERY steps; an interrupted
+    one resumes (t5mix's resume is exact), its training seconds summed over the invocations."""
     workdir = os.path.join(self.workdir, name)
     done = os.path.join(workdir, "checkpoints", str(steps))
-    if os.path.isdir(done) and self.runs.get(name, {}).get("steps") == steps:
+    before = self.runs.get(name, {})
+    if os.path.isdir(done) and before.get("steps") == steps:
       return workdir
-    self.runs.pop(name, None)
+    resumed = os.path.isdir(os.path.join(workdir, "checkpoints"))
     cmd = ["t5mix", "train", "--config", "configs/finetune_pretrained.yaml", "--workdir", workdir,
-           "--tasks-dir", self.tasks_yaml, "--quiet", "--set", f"data.mixture={MIXTURE}",
-           "--set", f"steps={steps}", "--set", f"checkpoint_every={max(1, steps // 4)}"]
+           "--tasks-dir", self.tasks_yaml, "--set", f"data.mixture={MIXTURE}",
+           "--set", f"steps={steps}", "--set", f"checkpoint_every={min(CURVE_EVERY, steps)}",
+           "--set", "keep_checkpoints=10"]
     for o in overrides:
       cmd += ["--set", o]
     if init_from:
       cmd += ["--init-from", os.path.join(self.workdir, init_from)]
-    seconds = quality.run(cmd, os.path.join(self.workdir, "logs", f"{name}.log"))
-    self.runs[name] = dict(steps=steps, train_seconds=round(seconds, 1))
+    log_path = os.path.join(self.workdir, "logs", f"{name}.log")
+    seconds, peak_gib = quality.run_measured(cmd, log_path)
+    with open(log_path) as f:  # the compiled step's rate, from the last progress line
+      rates = re.findall(r"([0-9.]+) steps/s", f.read())
+    self.runs[name] = dict(
+        steps=steps, train_seconds=round(seconds + (before.get("train_seconds", 0) if resumed else 0), 1),
+        seconds_per_step=round(1 / float(rates[-1]), 2) if rates else None,
+        peak_rss_gib=round(max(peak_gib, before.get("peak_rss_gib", 0) if resumed else 0), 2))
     self.save()
     return workdir
 
-  def evaluate(self, name, tasks):
-    if "metrics" in self.runs[name]:
-      return self.runs[name]
+  def checkpoints(self, name) -> list[int]:
+    directory = os.path.join(self.workdir, name, "checkpoints")
+    return sorted(int(n) for n in os.listdir(directory) if n.isdigit())
+
+  def evaluate(self, name, tasks, checkpoints="latest"):
+    """Scores run `name` on the whole held-out splits: its last checkpoint (the table's row), or
+    `checkpoints` (the curve's points, kept under the run's "curve")."""
+    entry = self.runs[name]
+    key = "metrics" if checkpoints == "latest" else "curve"
+    if key in entry:
+      return entry
     workdir = os.path.join(self.workdir, name)
     # The fine-tuning recipe's lengths for every model, the imported one (no config.yaml) too.
-    cmd = ["t5mix", "eval", "--workdir", workdir, "--checkpoints", "latest", "--tasks",
+    cmd = ["t5mix", "eval", "--workdir", workdir, "--checkpoints", checkpoints, "--tasks",
            ",".join(tasks), "--tasks-dir", self.tasks_yaml, "--inputs-length", str(INPUTS_LENGTH),
            "--targets-length", str(TARGETS_LENGTH)]
     if self.max_examples:
       cmd += ["--max-examples", str(self.max_examples)]
-    seconds = quality.run(cmd, os.path.join(self.workdir, "logs", f"{name}.eval.log"))
+    suffix = "eval" if checkpoints == "latest" else "curve"
+    seconds = quality.run(cmd, os.path.join(self.workdir, "logs", f"{name}.{suffix}.log"))
     with open(os.path.join(workdir, "eval", "results.json")) as f:
       results = json.load(f)
-    (entry,) = results["steps"].values()
-    self.runs[name].update(eval_seconds=round(seconds, 1), metrics=entry["metrics"],
-                           task_means=entry["task_means"], average=entry["average"],
-                           baselines=results.get("baselines", {}))
+    if checkpoints == "latest":
+      (scores,) = results["steps"].values()
+      entry.update(eval_seconds=round(seconds, 1), metrics=scores["metrics"],
+                   task_means=scores["task_means"], average=scores["average"],
+                   baselines=results.get("baselines", {}))
+    else:
+      entry.update(curve_eval_seconds=round(seconds, 1),
+                   curve={step: scores["metrics"] for step, scores in results["steps"].items()})
     self.save()
-    return self.runs[name]
+    return entry
 
 
 COLUMNS = [(task.replace("real_", "transfer_"), metric, title)
@@ -184,13 +212,40 @@ def table(bench: Transfer, rows: list[tuple]) -> list[str]:
   return lines
 
 
+def curve_table(bench: Transfer, name: str) -> list[str]:
+  """The run's main metrics at each checkpoint: its curve points and its final row."""
+  run = bench.runs[name]
+  points = {int(step): scores for step, scores in run.get("curve", {}).items()}
+  points[run["steps"]] = run["metrics"]
+  if "metrics" in bench.runs.get("pretrained", {}):  # step 0: the imported model itself
+    points[0] = bench.runs["pretrained"]["metrics"]
+  lines = ["| step | " + " | ".join(title for _, _, title in COLUMNS) + " |",
+           "|---:|" + "---:|" * len(COLUMNS)]
+  for step in sorted(points):
+    cells = [points[step].get(task, {}).get(metric) for task, metric, _ in COLUMNS]
+    lines.append(f"| {step} | " + " | ".join("" if v is None else f"{v:.1f}" for v in cells) + " |")
+  return lines
+
+
+def costs(bench: Transfer, names: list[str]) -> list[str]:
+  """A line per training run: its step time (the last logged rate) and the peak memory."""
+  out = []
+  for name in names:
+    run = bench.runs.get(name, {})
+    if run.get("seconds_per_step"):
+      out.append(f"- {name}: {run['seconds_per_step']:.1f} s a step (16 x (384+64) tokens, packed), "
+                 f"peak resident memory {run['peak_rss_gib']:.1f} GiB")
+  return ["", "Cost of each training run on this machine:", *out] if out else []
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--workdir", default="/tmp/t5mix-transfer")
   # 180 steps of 16 x (384+64) tokens: ~45 minutes on 2 CPU cores (14.5 s a step, RESULTS.md).
   parser.add_argument("--steps", type=int, default=180, help="multitask fine-tuning steps (a, s)")
-  parser.add_argument("--rte-steps", type=int, default=60, help="RTE-alone steps (r)")
-  parser.add_argument("--parts", default="0,a,s,r", help="subset of 0,a,s,r")
+  parser.add_argument("--rte-steps", type=int, default=30, help="RTE-alone steps (r)")
+  parser.add_argument("--parts", default="0,a,s,r,c",
+                      help="subset of 0,a,s,r,c (c: the curve of a)")
   parser.add_argument("--max-examples", type=int, help="score at most N examples per task "
                                                        "(a smoke run; the table is for whole splits)")
   parser.add_argument("--results", help="write the table into this markdown file (RESULTS.md)")
@@ -224,17 +279,26 @@ def main():
     bench.train("r_rte_from_a", args.rte_steps, init_from="a_pretrained_t2", overrides=rte)
     bench.evaluate("r_rte_from_a", ["transfer_rte"])
     rows.append(("(r) RTE alone, from (a)", "r_rte_from_a", "a_pretrained_t2"))
+  curve = []
+  if "c" in parts:  # last: the points before (a)'s final checkpoint
+    earlier = [s for s in bench.checkpoints("a_pretrained_t2") if s < args.steps]
+    if earlier:
+      bench.evaluate("a_pretrained_t2", TASKS, checkpoints=",".join(map(str, earlier)))
+      curve = curve_table(bench, "a_pretrained_t2")
   shown = {name for _, *names in rows for name in names}  # the table's runs and those before them
   minutes = sum(bench.runs[n].get("train_seconds", 0) + bench.runs[n].get("eval_seconds", 0)
-                for n in shown) / 60
+                + bench.runs[n].get("curve_eval_seconds", 0) for n in shown) / 60
   carve = bench.runs["carve"]
   lines = table(bench, rows) + [
       "", f"SST-2: {carve['sst2_train_kept']:,} of {carve['sst2_train_rows']:,} training rows kept "
       f"(the others contain, or are contained in, one of the {carve['sst2_heldout']:,} held-out "
       f"rows). Total {minutes:.0f} min of training and evaluation on {os.cpu_count()} CPU cores."]
+  lines += costs(bench, [name for _, name, *_ in rows])
+  if curve:
+    lines += ["", "(a) against its steps, on the same whole held-out splits:", "", *curve]
   print("\n".join(lines))
   command = "python benchmarks/transfer.py"
-  command += f" --parts {args.parts}" if args.parts != "0,a,s,r" else ""
+  command += f" --parts {args.parts}" if args.parts != "0,a,s,r,c" else ""
   command += f" --steps {args.steps}" if args.steps != 180 else ""
   if args.json:
     with open(args.json, "w") as f:

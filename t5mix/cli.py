@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--checkpoint", metavar="STEP", help="checkpoint step (default: latest)")
   p.add_argument("--vocab-file", help="SentencePiece model to copy as spiece.model")
 
-  p = sub.add_parser("adapters", help="adapter / LoRA files of fine-tuning runs (t5mix/finetune.py)")
+  p = sub.add_parser("adapters", help="adapter / LoRA files of fine-tuning runs (t5mix/adapters.py)")
   asub = p.add_subparsers(dest="adapters_command", metavar="COMMAND", required=True)
   a = asub.add_parser("export", help="write the trained adapter/LoRA (and norm) params of a run",
                       description="Write the parameters that an adapters or lora run trains, as "
@@ -213,8 +213,8 @@ def main(argv: list[str] | None = None) -> int:
   except KeyboardInterrupt as e:  # Ctrl-C; in train also SIGTERM (train.Interrupted)
     signal_name = getattr(e, "signal_name", "SIGINT")
     if args.command == "train":  # outside the loop's save-and-exit: say what a rerun does
-      from t5mix import train
-      print(f"t5mix: {train.interrupted_message(args.workdir, signal_name)}", file=sys.stderr)
+      from t5mix import checkpoints
+      print(f"t5mix: {checkpoints.interrupted_message(args.workdir, signal_name)}", file=sys.stderr)
     else:
       print("t5mix: interrupted", file=sys.stderr)
     return 143 if signal_name == "SIGTERM" else 130
@@ -398,12 +398,12 @@ def cmd_export_hf(args) -> int:
 
 
 def cmd_adapters(args) -> int:
-  from t5mix import finetune
+  from t5mix import adapters
   if args.adapters_command == "export":
-    count, size = finetune.export_adapters(args.workdir, args.out, args.checkpoint)
+    count, size = adapters.export_adapters(args.workdir, args.out, args.checkpoint)
     print(f"wrote {args.out} ({count} tensors, {size / 1e6:.2f} MB)")
   else:
-    path = finetune.merge_adapters(args.base, args.adapters, args.out, fold_lora=not args.keep_lora)
+    path = adapters.merge_adapters(args.base, args.adapters, args.out, fold_lora=not args.keep_lora)
     print(f"wrote {path}; evaluate with: t5mix eval --workdir {args.out}")
   return 0
 

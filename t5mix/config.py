@@ -12,7 +12,9 @@ from typing import Any
 
 import yaml
 
-from t5mix.errors import UserError, did_you_mean
+from t5mix import peft
+from t5mix.definitions import read_yaml
+from t5mix.errors import UserError, check_keys
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
@@ -55,10 +57,13 @@ class DataConfig:
                                    # of the definitions and vocabulary, to notice later edits
 
 
+STRATEGIES = ("full", "gradual_unfreezing", "adapters", "lora")
+
+
 @dataclasses.dataclass
 class FinetuneConfig:
   """Fine-tuning strategies of the T5 paper (§3.5.2) and LoRA; see t5mix/finetune.py."""
-  strategy: str = "full"           # full | gradual_unfreezing | adapters | lora
+  strategy: str = "full"           # one of STRATEGIES
   trainable: list = dataclasses.field(default_factory=list)  # globs over dotted param paths
   #                                  ([] = the strategy's: everything; adapters: *_adapter.*, *norm*; lora: *_lora.*)
   always_trainable: list = dataclasses.field(  # gradual_unfreezing: trained from stage 1
@@ -127,11 +132,9 @@ def from_dict(cls, d: dict, prefix: str = ""):
   if not isinstance(d, dict):
     raise UserError(f"config key {prefix.rstrip('.') or '<top>'!r}: expected a mapping, got {d!r}")
   fields = {f.name: f for f in dataclasses.fields(cls)}
+  check_keys(d, fields, what="config key", prefix=prefix)
   kwargs = {}
   for key, value in d.items():
-    if key not in fields:
-      hint = did_you_mean(key, fields, lambda close: repr(prefix + close))
-      raise UserError(f"unknown config key {prefix + str(key)!r}{hint}")
     f = fields[key]
     if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory):
       kwargs[key] = from_dict(f.default_factory, value, prefix + key + ".")
@@ -151,7 +154,6 @@ def _set(d: dict, dotted: str, value: Any) -> None:
 
 def load(path: str | None = None, overrides: list[str] = ()) -> TrainConfig:
   """Config from a YAML file (or the defaults) plus `key.sub=value` overrides."""
-  from t5mix.definitions import read_yaml
   d: dict = {}
   if path:
     if not os.path.exists(path) and os.path.exists(os.path.join(CONFIG_DIR, path + ".yaml")):
@@ -224,8 +226,37 @@ def validate(c: TrainConfig) -> None:
                     "constant, rsqrt or cosine")
   if c.optimizer.warmup_steps < 0:
     raise UserError("config key 'optimizer.warmup_steps' must be >= 0")
-  from t5mix import finetune  # the fine-tuning keys are checked where they are used
-  finetune.validate(c)
+  _validate_finetune(c)
+
+
+def _validate_finetune(c: TrainConfig) -> None:
+  f = c.finetune
+  if f.strategy not in STRATEGIES:
+    raise UserError(f"config key 'finetune.strategy': {f.strategy!r} is not one of {', '.join(STRATEGIES)}")
+  for key in ("trainable", "always_trainable", "lora_targets"):
+    value = getattr(f, key)
+    if not all(isinstance(x, str) for x in value):
+      raise UserError(f"config key 'finetune.{key}': expected a list of strings, got {value!r}")
+  if f.steps_per_stage < 0:
+    raise UserError("config key 'finetune.steps_per_stage' must be >= 0")
+  accum = c.optimizer.grad_accum_steps
+  if f.strategy == "gradual_unfreezing" and f.steps_per_stage % accum:
+    raise UserError(f"config key 'finetune.steps_per_stage' ({f.steps_per_stage}) must be a multiple "
+                    f"of optimizer.grad_accum_steps ({accum})")
+  if f.strategy == "adapters" and f.adapter_size <= 0:
+    raise UserError("config key 'finetune.adapter_size' must be positive for strategy adapters")
+  if f.strategy == "lora":
+    if f.lora_rank <= 0:
+      raise UserError("config key 'finetune.lora_rank' must be positive for strategy lora")
+    if f.lora_alpha <= 0:
+      raise UserError("config key 'finetune.lora_alpha' must be positive")
+    known = peft.ATTENTION_TARGETS + peft.MLP_TARGETS + tuple(peft.SHORTHANDS)
+    for name in f.lora_targets:  # gated vs relu MLP names are checked against the model (T5Config)
+      if name not in known:
+        raise UserError(f"config key 'finetune.lora_targets': unknown target {name!r} "
+                        f"(known: {', '.join(known)})")
+    if not f.lora_targets:
+      raise UserError("config key 'finetune.lora_targets' is empty")
 
 
 def to_dict(c) -> dict:

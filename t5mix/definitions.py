@@ -27,7 +27,7 @@ import yaml
 
 from t5mix import mixing, registry
 from t5mix import vocab as vocab_lib
-from t5mix.errors import UserError, did_you_mean, where
+from t5mix.errors import UserError, check_keys, where
 
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUILTIN_DIRS = (os.path.join(PROJECT_ROOT, "tasks"), os.path.join(PROJECT_ROOT, "mixtures"))
@@ -112,10 +112,7 @@ def _parse_file(path: str) -> tuple[list[registry.TaskSpec], list[mixing.Mixture
     raise UserError(f"{path}: file is empty (expected a mapping with keys {', '.join(FILE_KEYS)})")
   if not isinstance(doc, dict):
     raise UserError(f"{path}: expected a mapping with keys {', '.join(FILE_KEYS)}")
-  for key in doc:
-    if key not in FILE_KEYS:
-      raise UserError(f"{at(str(key))}: unknown top-level key {key!r}"
-                      f"{did_you_mean(key, FILE_KEYS)}; expected {', '.join(FILE_KEYS)}")
+  check_keys(doc, FILE_KEYS, at, what="top-level key", suffix=f"; expected {', '.join(FILE_KEYS)}")
   base_dir = os.path.dirname(os.path.abspath(path))
   tasks, mixtures = [], []
   for kind, items in (("tasks", doc.get("tasks")), ("mixtures", doc.get("mixtures"))):

@@ -102,3 +102,11 @@ def is_primary() -> bool:
   """Process 0: the one that prints progress and writes logs and config files."""
   import jax
   return jax.process_index() == 0
+
+
+def sync(name: str) -> None:
+  """Waits until every process reaches this point (nothing to wait for in one process)."""
+  import jax
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)

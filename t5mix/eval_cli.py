@@ -78,9 +78,9 @@ def workdir_definitions(workdir: str, vocab: str | None) -> tuple[str | None, st
   """(the run's config.yaml or None, the vocabulary to tokenise with) for a workdir command:
   --vocab if given, else the workdir's own (its spiece.model, else its config's data.vocab;
   a workdir from `t5mix import-hf` has spiece.model and no config.yaml)."""
-  from t5mix import evaluate
+  from t5mix import checkpoints
   from t5mix import vocab as vocab_lib
-  evaluate.check_workdir(workdir)
+  checkpoints.check_workdir(workdir)
   config_path = os.path.join(workdir, "config.yaml")
   config_path = config_path if os.path.exists(config_path) else None
   return config_path, vocab or vocab_lib.workdir_vocabulary(workdir)

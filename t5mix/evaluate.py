@@ -1,8 +1,8 @@
 """Evaluation: decode a run's tasks on its checkpoints and score them with the tasks' metrics.
 
-Read top to bottom: the workdir (config, model, checkpoints) → batched decoding → the evaluator
-(seqio.Evaluator per task) → `t5mix eval` over checkpoints (table, results.json, metrics.png) →
-the hook that evaluates during training.
+Read top to bottom: batched decoding → the evaluator (seqio.Evaluator per task) → `t5mix eval`
+over checkpoints (results.json, with the table and plot of t5mix/eval_report.py) → the hook that
+evaluates during training. The workdir and its checkpoints are t5mix/checkpoints.py's.
 
 Scoring is seqio's: `seqio.Evaluator` builds each task's validation examples once (tokenized,
 feature-converted, cached in memory) and postprocesses the gold targets once, on the first
@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import sys
 import time
 from collections import Counter
 from typing import Any, Callable, Sequence
@@ -32,130 +31,24 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 import seqio
+import tensorflow as tf
 from flax import nnx
 
+from t5mix import checkpoints, decode, eval_report, input_pipeline, metrics, registry
 from t5mix import config as config_lib
-from t5mix import decode, input_pipeline, metrics, registry
-from t5mix.errors import UserError
-from t5mix.model import T5, T5Config, load_model_config
+from t5mix import vocab as vocab_lib
+from t5mix.errors import UserError, first_line
+from t5mix.model import T5Config
 
 DEFAULT_BATCH_SIZE = 64
 
 # ---------------------------------------------------------------------------------------------
-# The workdir: config.yaml (may be absent: `t5mix import-hf` writes none), model.yaml, checkpoints.
-
-
-@dataclasses.dataclass
-class Run:
-  workdir: str
-  config: config_lib.TrainConfig | None  # None for a workdir without config.yaml
-  model_config: T5Config
-
-  @property
-  def lengths(self) -> dict[str, int]:
-    data = self.config.data if self.config else config_lib.DataConfig()
-    return {"inputs": data.inputs_length, "targets": data.targets_length}
-
-
-def check_workdir(workdir: str) -> None:
-  if not os.path.exists(workdir):
-    raise UserError(f"{workdir}: no such workdir")
-  if not os.path.isdir(workdir):
-    raise UserError(f"{workdir}: is not a directory (expected a t5mix workdir)")
-  if not os.path.exists(os.path.join(workdir, "model.yaml")):
-    raise UserError(f"{workdir}: not a t5mix workdir (no model.yaml; train one with "
-                    f"`t5mix train --workdir {workdir}`)")
-
-
-def open_run(workdir: str) -> Run:
-  check_workdir(workdir)
-  config_path = os.path.join(workdir, "config.yaml")
-  config = config_lib.load(config_path) if os.path.exists(config_path) else None
-  return Run(workdir, config, load_model_config(os.path.join(workdir, "model.yaml")))
-
-
-def checkpoint_steps(workdir: str) -> list[int]:
-  """Steps of the checkpoint directories (orbax's unfinished `N.orbax-checkpoint-tmp-*` excluded)."""
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(ckpt_dir):
-    return []
-  return sorted(int(n) for n in os.listdir(ckpt_dir)
-                if n.isdigit() and os.path.isdir(os.path.join(ckpt_dir, n)))
-
-
-def choose_steps(workdir: str, which: str | None) -> list[int]:
-  """`all`, `latest` (the default) or a comma-separated list of steps."""
-  steps = checkpoint_steps(workdir)
-  if not steps:
-    raise UserError(f"{workdir}: no checkpoints (nothing under {workdir}/checkpoints); train first")
-  which = (which or "latest").strip()
-  if which == "all":
-    return steps
-  if which == "latest":
-    return steps[-1:]
-  chosen = []
-  for item in which.split(","):
-    item = item.strip()
-    if not item.isdigit():
-      raise UserError(f"--checkpoints {which!r}: expected all, latest or steps such as 100,200")
-    if int(item) not in steps:
-      raise UserError(f"{workdir}: no checkpoint at step {item}; there are "
-                      f"{', '.join(map(str, steps))}")
-    chosen.append(int(item))
-  return sorted(set(chosen))
-
-
-def abstract_model(model_config: T5Config):
-  """(graphdef, abstract params): the model's structure without allocating its parameters."""
-  model = nnx.eval_shape(lambda: T5(model_config, rngs=nnx.Rngs(0)))
-  return nnx.split(model, nnx.Param)
-
-
-def restore_params(workdir: str, step: int, abstract_params):
-  """The parameters of checkpoint `step` (only those: no optimizer state, no data iterator).
-
-  Any failure (a partial or corrupt checkpoint, another model) is a UserError of one line.
-  """
-  from t5mix import train  # train owns the checkpoint layout
-  path = os.path.join(os.path.abspath(workdir), "checkpoints", str(step))
-  _ignore_closed_event_loop_errors()
-  try:
-    return train.restore_params(path, abstract_params)
-  except UserError as e:
-    reason = str(e).split(f"{path}: ", 1)[-1]
-  except Exception as e:  # orbax/tensorstore raise many kinds on damaged files
-    reason = f"cannot restore parameters ({type(e).__name__}: {_first_line(e)})"
-  raise UserError(f"checkpoint {step}: {reason}")
-
-
-def _ignore_closed_event_loop_errors() -> None:
-  """When one read of a damaged checkpoint fails, orbax closes its event loop while tensorstore
-  still completes the other reads; their callbacks then raise 'Event loop is closed' as
-  unraisable exceptions, dozens of tracebacks after our one-line message. Drop just those."""
-  previous = sys.unraisablehook
-  if getattr(previous, "_t5mix", False):
-    return
-
-  def hook(unraisable):
-    value = unraisable.exc_value
-    if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
-      return
-    previous(unraisable)
-
-  hook._t5mix = True
-  sys.unraisablehook = hook
-
-
-def _first_line(e: BaseException, limit: int = 200) -> str:
-  text = str(e).strip()
-  line = text.splitlines()[0] if text else type(e).__name__
-  return line if len(line) <= limit else line[:limit - 1] + "…"
+# The model and its vocabulary.
 
 
 def check_vocabulary(task: seqio.Task, model_config: T5Config) -> None:
   vocab = task.output_features["targets"].vocabulary
-  from t5mix.vocab import check_vocabulary as check_file
-  check_file(vocab)
+  vocab_lib.check_vocabulary(vocab)
   if vocab.vocab_size > model_config.vocab_size:
     raise UserError(f"task {task.name!r}: its vocabulary has {vocab.vocab_size} ids but the model "
                     f"has {model_config.vocab_size}; pass the run's --vocab")
@@ -166,10 +59,18 @@ def check_vocabulary(task: seqio.Task, model_config: T5Config) -> None:
 
 
 class Decoder:
-  """Decodes [N, L] encoder (or prompt) tokens in batches of a fixed size, so jit compiles once.
+  """Decodes [N, L] encoder (or prompt) tokens in batches of a fixed size.
+
+  Rows are decoded shortest first, each batch cut to the narrowest of a few widths (WIDTHS, then
+  L) that holds its longest row: a dev set of short sentences padded to a long `inputs_length`
+  would otherwise spend most of its encoder and cross-attention work on padding, and a batch of
+  similar inputs tends to stop decoding together. Padding is masked, so the cut changes nothing
+  but the cost; jit compiles once per width used.
 
   beam_size 1 is greedy decoding; more is beam search (t5x's length penalty, alpha 0.6).
   """
+
+  WIDTHS = (32, 64, 128, 256)
 
   def __init__(self, graphdef, *, max_decode_len: int, beam_size: int = 1,
                batch_size: int = DEFAULT_BATCH_SIZE):
@@ -186,19 +87,31 @@ class Decoder:
 
   def __call__(self, params, inputs: np.ndarray) -> np.ndarray:
     model = nnx.merge(self.graphdef, params)
-    outputs = []
+    outputs = np.zeros((len(inputs), self.max_decode_len), np.int32)
+    full = inputs.shape[1]
+    nonzero = inputs != 0
+    lengths = np.where(nonzero.any(axis=1), full - np.argmax(nonzero[:, ::-1], axis=1), 1)
+    order = np.argsort(lengths, kind="stable")
     for start in range(0, len(inputs), self.batch_size):
-      chunk = inputs[start:start + self.batch_size]
-      n = len(chunk)
-      if n < self.batch_size:  # pad with copies of a real row: they stop at EOS like it does
-        chunk = np.concatenate([chunk, np.repeat(chunk[:1], self.batch_size - n, axis=0)])
+      rows = order[start:start + self.batch_size]
+      width = next((w for w in self.WIDTHS if w >= lengths[rows].max()), full)
+      chunk = pad_rows(inputs[rows, :min(width, full)], self.batch_size)
+      n = len(rows)
       if self.beam_size == 1:
         tokens = decode.greedy(model, chunk, max_decode_len=self.max_decode_len)
       else:
         tokens = decode.beam_search(model, chunk, max_decode_len=self.max_decode_len,
                                     beam_size=self.beam_size)
-      outputs.append(np.asarray(jax.device_get(tokens))[:n])
-    return np.concatenate(outputs) if outputs else np.zeros((0, self.max_decode_len), np.int32)
+      outputs[rows] = np.asarray(jax.device_get(tokens))[:n]
+    return outputs
+
+
+def pad_rows(chunk: np.ndarray, size: int) -> np.ndarray:
+  """`chunk` filled up to `size` rows with copies of its first (a real row: in decoding it stops at
+  EOS like that one does), so that the last batch has the shape the others compiled for."""
+  if len(chunk) >= size:
+    return chunk
+  return np.concatenate([chunk, np.repeat(chunk[:1], size - len(chunk), axis=0)])
 
 
 def tokenize_inputs(texts: Sequence[str], vocab: seqio.Vocabulary, length: int) -> np.ndarray:
@@ -295,7 +208,7 @@ class Evaluator:
         raise
       except (ValueError, KeyError) as e:
         raise UserError(f"task {task.name!r}: cannot build its {split!r} examples "
-                        f"({_first_line(e)})") from None
+                        f"({first_line(e)})") from None
       if not evaluator.eval_tasks:
         raise UserError(f"task {task.name!r}: no metrics or no {split!r} split")
       count = int(evaluator.cached_task_datasets[task.name].cardinality())
@@ -332,7 +245,7 @@ class Evaluator:
                                        predict_fn=self._predict_fn(name, params))
         scores = future.result()[name]
       except ValueError as e:  # a gold target the postprocessor cannot read: a bug in the task
-        raise UserError(f"task {name!r}: cannot score ({_first_line(e.__cause__ or e)})") from None
+        raise UserError(f"task {name!r}: cannot score ({first_line(e.__cause__ or e)})") from None
       results[name] = {k: float(getattr(v, "value", v)) for k, v in scores.items()}
       words = label_words(self._tasks[name])
       predicted = set(evaluator.loggers[0].predictions) if words else set()
@@ -366,10 +279,6 @@ def single_label_warning(step: int, task: str, word: str) -> str:
   return f"warning: step {step}: every {task} prediction is {word!r} (a constant answer)"
 
 
-def task_mean(scores: dict[str, float]) -> float:
-  return float(np.mean(list(scores.values())))
-
-
 # ---------------------------------------------------------------------------------------------
 # `t5mix eval`: every chosen checkpoint, then the table, results.json and metrics.png.
 
@@ -389,8 +298,8 @@ class EvalOptions:
 def run_eval(workdir: str, options: EvalOptions, *, log: Callable[[str], None] = print) -> dict:
   """Evaluates checkpoints of `workdir`; writes eval/results.json and eval/metrics.png; returns
   the results (as in results.json)."""
-  run = open_run(workdir)
-  steps = choose_steps(workdir, options.checkpoints)
+  run = checkpoints.open_run(workdir)
+  steps = checkpoints.choose_steps(workdir, options.checkpoints)
   if options.tasks:
     names, explicit = options.tasks, True
   elif run.config is not None:
@@ -405,7 +314,7 @@ def run_eval(workdir: str, options: EvalOptions, *, log: Callable[[str], None] =
     lengths["inputs"] = options.inputs_length
   if options.targets_length:
     lengths["targets"] = options.targets_length
-  graphdef, abstract = abstract_model(run.model_config)
+  graphdef, abstract = checkpoints.abstract_model(run.model_config)
   decoder = Decoder(graphdef, max_decode_len=lengths["targets"], beam_size=options.beam_size,
                     batch_size=options.batch_size)
   evaluator = Evaluator(tasks, decoder, split=options.split, lengths=lengths,
@@ -423,7 +332,7 @@ def run_eval(workdir: str, options: EvalOptions, *, log: Callable[[str], None] =
   by_step, skipped, single_label = {}, {}, {}
   for step in steps:
     try:
-      params = restore_params(workdir, step, abstract)
+      params = checkpoints.restore_step_params(workdir, step, abstract)
     except UserError as e:
       log(f"skipping {e}")
       skipped[step] = str(e)
@@ -438,7 +347,7 @@ def run_eval(workdir: str, options: EvalOptions, *, log: Callable[[str], None] =
   if not by_step:
     raise UserError(f"{workdir}: none of the chosen checkpoints could be restored")
 
-  results = summarize(by_step)
+  results = eval_report.summarize(by_step)
   for step, labels in single_label.items():
     results["steps"][str(step)]["single_label"] = labels
   results.update(baselines=evaluator.baselines(),
@@ -456,129 +365,11 @@ def run_eval(workdir: str, options: EvalOptions, *, log: Callable[[str], None] =
     json.dump(results, f, indent=2)
   os.replace(json_path + ".tmp", json_path)
   png_path = os.path.join(out_dir, "metrics.png")
-  plot(results, png_path)
-  for line in format_table(results):
+  eval_report.plot(results, png_path)
+  for line in eval_report.format_table(results):
     log(line)
   log(f"wrote {json_path} and {png_path}")
   return results
-
-
-def summarize(by_step: dict[int, dict[str, dict[str, float]]]) -> dict:
-  """results.json's content: scores per step, task means, best checkpoints and both averages."""
-  steps = sorted(by_step)
-  tasks = list(dict.fromkeys(t for s in steps for t in by_step[s]))
-  means = {s: {t: task_mean(by_step[s][t]) for t in by_step[s]} for s in steps}
-  best = {}
-  for t in tasks:
-    step = max((s for s in steps if t in means[s]), key=lambda s: (means[s][t], s))
-    best[t] = {"step": step, "mean": means[step][t], "metrics": by_step[step][t]}
-  averages = {s: metrics.glue_average(by_step[s]) for s in steps}
-  single = max(steps, key=lambda s: (averages[s], s))
-  return {
-      "tasks": tasks,
-      "steps": {str(s): {"metrics": by_step[s], "task_means": means[s], "average": averages[s]}
-                for s in steps},
-      "best_per_task": best,
-      "average_best_per_task": float(np.mean([best[t]["mean"] for t in tasks])),
-      "single_best_checkpoint": {"step": single, "average": averages[single]},
-  }
-
-
-BASELINE_ROWS = {"majority_class": "majority", "best_constant": "constant"}
-
-
-def format_table(results: dict) -> list[str]:
-  """Steps × tasks: each task's metrics and mean (`*`: the task's best checkpoint), then rows for
-  the classification tasks' constant-answer baselines."""
-  tasks, steps = results["tasks"], results["steps"]
-  metric_names = {t: list(dict.fromkeys(m for s in steps.values() for m in s["metrics"].get(t, {})))
-                  for t in tasks}
-  header2 = ["step"]
-  for t in tasks:
-    header2 += metric_names[t] + ["mean"]
-  header2.append("average")
-  rows = []
-  for key, entry in steps.items():
-    row = [key]
-    for t in tasks:
-      scores = entry["metrics"].get(t)
-      row += [f"{scores[m]:.2f}" if scores and m in scores else "-" for m in metric_names[t]]
-      mark = "*" if results["best_per_task"][t]["step"] == int(key) else " "
-      row.append(f"{entry['task_means'][t]:.2f}{mark}" if t in entry["task_means"] else "- ")
-    single = results["single_best_checkpoint"]["step"] == int(key)
-    row.append(f"{entry['average']:.2f}{'*' if single else ' '}")
-    rows.append(row)
-  baselines = results.get("baselines", {})
-  for kind, title in BASELINE_ROWS.items():
-    if not any(kind in b for b in baselines.values()):
-      continue
-    row = [title]
-    for t in tasks:
-      b = baselines.get(t, {}).get(kind)
-      row += [f"{b['metrics'][m]:.2f}" if b and m in b["metrics"] else "-" for m in metric_names[t]]
-      row.append(f"{b['mean']:.2f} " if b else "- ")
-    rows.append(row + ["- "])  # an average over only the tasks that have baselines would mislead
-  widths = [max(len(str(x)) for x in col) for col in zip(header2, *rows)]
-  # The first header line names each task above its group of columns.
-  header1, i = [""], 1
-  for t in tasks:
-    span = len(metric_names[t]) + 1
-    width = sum(widths[i:i + span]) + 2 * (span - 1)
-    header1.append(t[:width].ljust(width))
-    i += span
-  header1.append("")
-  widths1 = [widths[0]] + [len(h) for h in header1[1:-1]] + [widths[-1]]
-  lines = ["  ".join(h.ljust(w) for h, w in zip(header1, widths1)).rstrip(),
-           "  ".join(h.rjust(w) for h, w in zip(header2, widths)),
-           "  ".join("-" * w for w in widths)]
-  lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows]
-  best = ", ".join(f"{t} at step {b['step']} ({b['mean']:.2f})"
-                   for t, b in results["best_per_task"].items())
-  single = results["single_best_checkpoint"]
-  lines += ["",
-            f"best checkpoint per task (*): {best}",
-            f"average of task means, best checkpoint per task: {results['average_best_per_task']:.2f}",
-            f"average of task means, single best checkpoint (step {single['step']}): "
-            f"{single['average']:.2f}"]
-  if baselines:
-    def labels(kind):
-      return ", ".join(f"{t} {b[kind]['label']}" for t, b in baselines.items() if kind in b)
-    lines.append(f"baselines, one label for every example: majority = the most frequent label of "
-                 f"the train split ({labels('majority_class')}); constant = the label that scores "
-                 f"best on this split ({labels('best_constant')})")
-  return lines
-
-
-def plot(results: dict, path: str) -> None:
-  """Each task's mean metric (and the average) against step; a star on each task's best
-  checkpoint (and the single best), a dotted line at each best constant-answer baseline."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  steps = sorted(int(s) for s in results["steps"])
-  fig, ax = plt.subplots(figsize=(7, 4.5))
-  for t in results["tasks"]:
-    points = [(s, results["steps"][str(s)]["task_means"][t]) for s in steps
-              if t in results["steps"][str(s)]["task_means"]]
-    line, = ax.plot(*zip(*points), marker="o", label=t)
-    best = results["best_per_task"][t]
-    ax.plot(best["step"], best["mean"], "*", color=line.get_color(), markersize=16)
-    constant = results.get("baselines", {}).get(t, {}).get("best_constant")
-    if constant:
-      ax.axhline(constant["mean"], color=line.get_color(), linestyle=":",
-                 label=f"{t}: constant {constant['label']!r}")
-  ax.plot(steps, [results["steps"][str(s)]["average"] for s in steps], "k--", marker="s",
-          label="average")
-  single = results["single_best_checkpoint"]
-  ax.plot(single["step"], single["average"], "k*", markersize=16, label="best checkpoint")
-  ax.set_xlabel("step")
-  ax.set_ylabel("mean metric (×100)")
-  ax.set_title(f"{os.path.basename(results.get('workdir', '')) or 'eval'}: {results.get('split', '')}")
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize="small")
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -604,7 +395,6 @@ class DuringTraining:
         + ", ".join(f"{n} ({k} examples)" for n, k in self.evaluator.examples.items()))
 
   def __call__(self, step: int, params) -> dict[str, Any]:
-    import tensorflow as tf
     if self.evaluator is None:
       return {}
     start = time.time()
@@ -614,7 +404,7 @@ class DuringTraining:
       for task, scores in results.items():
         for name, value in scores.items():
           tf.summary.scalar(f"eval/{task}/{name}", value)
-        tf.summary.scalar(f"eval/{task}/mean", task_mean(scores))
+        tf.summary.scalar(f"eval/{task}/mean", metrics.task_mean(scores))
       tf.summary.scalar("eval/average", average)
     parts = " | ".join(f"{t} " + " ".join(f"{m} {v:.1f}" for m, v in s.items())
                        for t, s in results.items())

@@ -2,7 +2,7 @@
 
 The `finetune` config section picks a strategy:
 
-- `full` — every parameter trains (the default; the optimizer is exactly `train.make_optimizer`'s,
+- `full` — every parameter trains (the default; the optimizer is exactly `optim.base_optimizer`'s,
   so existing runs and checkpoints are unaffected).
 - `gradual_unfreezing` — stage 1 trains the top encoder and the top decoder block plus
   `always_trainable` (embedding, lm_head, final norms); every `steps_per_stage` steps one more
@@ -19,32 +19,12 @@ The `finetune` config section picks a strategy:
 `decoder` alone means everything under it) overrides the strategy's set; anything it does not
 match is frozen.
 
-How freezing is done (in the optimizer; the train step only skips the gradients it would waste):
-
-- Parameters are labelled by path and split with `optax.partition`. Frozen parameters go to
-  `optax.set_to_zero()`: their update is exactly zero after the *whole* chain (clipping, Adafactor
-  or AdamW with weight decay run only on the trainable group), so they stay bit-identical, and the
-  optimizer keeps no state for them (nor a gradient accumulator with `grad_accum_steps`).
-- Gradual unfreezing is computed inside the optimizer from its own step counter: every stage is
-  its own partition group whose optimizer (Adafactor/AdamW, learning-rate schedule shifted to the
-  global step) is wrapped in `delayed(start)`, a `lax.cond` that returns zero updates and leaves
-  the group's state untouched until the stage starts. So a block's optimizer statistics start
-  fresh when it unfreezes (Adam's bias correction included), and the gradients of still-frozen
-  blocks are zeroed before global-norm clipping so that they do not shrink the update of the
-  training ones. Every stage group that will train has its optimizer state from the start (it
-  needs it later); groups that never train have none.
-
-The train step also stops gradients at the parameters that do not train (`Plan.frozen_in`), so
-autodiff builds no weight gradient for them: adapters' and LoRA's base model always, gradual
-unfreezing's not-yet-unfrozen blocks in each stage (one compiled step per stage; the update is the
-same, only the wasted backward matmuls go).
-
-`--init-from` a base checkpoint without adapter/LoRA parameters restores the base parameters and
-keeps the fresh PEFT ones (`init_params`). The trained PEFT parameters (and whatever else trained,
-e.g. the layer norms) are written to `WORKDIR/adapters.safetensors` at the end of an `adapters` or
-`lora` run; `t5mix adapters export` writes them for any checkpoint and `t5mix adapters merge`
-combines them with a base workdir into a workdir for `t5mix eval` / `export-hf` (LoRA folded into
-the weights).
+This module decides; others carry it out: the optimizer applies the plan (t5mix/optim.py), the
+train step stops gradients at the parameters that do not train (`Plan.frozen_in`), so autodiff
+builds no weight gradient for them: adapters' and LoRA's base model always, gradual unfreezing's
+not-yet-unfrozen blocks in each stage (one compiled step per stage; the update is the same, only
+the wasted backward matmuls go). `--init-from` a base checkpoint without adapter/LoRA parameters
+keeps the fresh PEFT ones (`checkpoints.init_params`); the adapter files are t5mix/adapters.py's.
 """
 
 from __future__ import annotations
@@ -52,64 +32,21 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import fnmatch
-import json
-import os
-from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 
 from t5mix import config as config_lib
-from t5mix import vocab as vocab_lib
 from t5mix import peft
 from t5mix.errors import UserError
+from t5mix.model import param_path
 
-STRATEGIES = ("full", "gradual_unfreezing", "adapters", "lora")
 DEFAULT_TRAINABLE = {
     "full": ["*"],
     "gradual_unfreezing": ["*"],
     "adapters": [peft.ADAPTER_PATTERN, "*norm*"],
     "lora": [peft.LORA_PATTERN],
 }
-ADAPTERS_FILE = "adapters.safetensors"
-FROZEN = "frozen"
-TRAINABLE = "trainable"
-
-
-# ---------------------------------------------------------------------------------------------
-# Config.
-
-
-def validate(c: config_lib.TrainConfig) -> None:
-  f = c.finetune
-  if f.strategy not in STRATEGIES:
-    raise UserError(f"config key 'finetune.strategy': {f.strategy!r} is not one of {', '.join(STRATEGIES)}")
-  for key in ("trainable", "always_trainable", "lora_targets"):
-    value = getattr(f, key)
-    if not all(isinstance(x, str) for x in value):
-      raise UserError(f"config key 'finetune.{key}': expected a list of strings, got {value!r}")
-  if f.steps_per_stage < 0:
-    raise UserError("config key 'finetune.steps_per_stage' must be >= 0")
-  accum = c.optimizer.grad_accum_steps
-  if f.strategy == "gradual_unfreezing" and f.steps_per_stage % accum:
-    raise UserError(f"config key 'finetune.steps_per_stage' ({f.steps_per_stage}) must be a multiple "
-                    f"of optimizer.grad_accum_steps ({accum})")
-  if f.strategy == "adapters" and f.adapter_size <= 0:
-    raise UserError("config key 'finetune.adapter_size' must be positive for strategy adapters")
-  if f.strategy == "lora":
-    if f.lora_rank <= 0:
-      raise UserError("config key 'finetune.lora_rank' must be positive for strategy lora")
-    if f.lora_alpha <= 0:
-      raise UserError("config key 'finetune.lora_alpha' must be positive")
-    known = peft.ATTENTION_TARGETS + peft.MLP_TARGETS + tuple(peft.SHORTHANDS)
-    for name in f.lora_targets:  # gated vs relu MLP names are checked against the model (T5Config)
-      if name not in known:
-        raise UserError(f"config key 'finetune.lora_targets': unknown target {name!r} "
-                        f"(known: {', '.join(known)})")
-    if not f.lora_targets:
-      raise UserError("config key 'finetune.lora_targets' is empty")
 
 
 def apply_to_model_config(f: config_lib.FinetuneConfig, model_config):
@@ -127,23 +64,8 @@ def apply_to_model_config(f: config_lib.FinetuneConfig, model_config):
 # Parameter paths.
 
 
-def _key_name(k):
-  for attr in ("key", "name", "idx"):
-    if hasattr(k, attr):
-      return getattr(k, attr)
-  return str(k)
-
-
-def path_str(keypath) -> str:
-  """A jax key path → `encoder.layers.0.mlp.wi_0` (an nnx Variable's trailing `.value` dropped)."""
-  keys = list(keypath)
-  if keys and isinstance(keys[-1], jax.tree_util.GetAttrKey):
-    keys = keys[:-1]
-  return ".".join(str(_key_name(k)) for k in keys)
-
-
 def param_paths(params) -> list[str]:
-  return [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  return [param_path(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
 
 
 def matches(path: str, patterns) -> bool:
@@ -152,7 +74,7 @@ def matches(path: str, patterns) -> bool:
 
 
 def _map_paths(fn, tree):
-  return jax.tree_util.tree_map_with_path(lambda p, _: fn(path_str(p)), tree)
+  return jax.tree_util.tree_map_with_path(lambda p, _: fn(param_path(p)), tree)
 
 
 def _num_layers(paths, stack):
@@ -237,44 +159,12 @@ class Plan:
       return None
     return _map_paths(frozen, params)
 
-  # --- the optimizer ---
-
-  def make_optimizer(self) -> optax.GradientTransformation:
-    from t5mix import train  # train imports this module
-    c = self.config
-    o = c.optimizer
-    if self.strategy != "gradual_unfreezing" and self.all_trainable_from_start:
-      return train.make_optimizer(o, c.steps)
-    label = lambda tree: _map_paths(lambda p: FROZEN if self.stage_of[p] is None else TRAINABLE, tree)  # noqa: E731
-    if self.strategy != "gradual_unfreezing":
-      return optax.partition({TRAINABLE: train.make_optimizer(o, c.steps), FROZEN: optax.set_to_zero()}, label)
-
-    accum = o.grad_accum_steps
-    schedule = train.learning_rate_schedule(o, c.steps)
-    bare = dataclasses.replace(o, clip_norm=0.0, grad_accum_steps=1)
-    starts = {s: self.start_step(s) // accum for s in range(1, self.num_stages + 1)}  # in optimizer updates
-    groups = {}
-    for s, start in starts.items():
-      shifted = (lambda start: lambda n: schedule(n + start))(start)  # the global schedule
-      inner = train.make_optimizer(bare, c.steps, schedule=shifted)
-      groups[f"stage_{s}"] = delayed(inner, start) if start else inner
-    stage_label = lambda tree: _map_paths(lambda p: f"stage_{self.stage_of[p]}", tree)  # noqa: E731
-    start_of = lambda p: starts[self.stage_of[p]]  # noqa: E731
-    chain = [zero_until(start_of)]
-    if o.clip_norm:
-      chain.append(optax.clip_by_global_norm(o.clip_norm))
-    chain.append(optax.partition(groups, stage_label))
-    opt = optax.chain(*chain)
-    if accum > 1:
-      opt = optax.MultiSteps(opt, every_k_schedule=accum)
-    return optax.partition({TRAINABLE: opt, FROZEN: optax.set_to_zero()}, label)
-
 
 def make_plan(c: config_lib.TrainConfig, params) -> Plan:
   """The plan for a model's params (an nnx.State or a nested dict; only paths and sizes are read)."""
   f = c.finetune
   leaves = jax.tree_util.tree_flatten_with_path(params)[0]
-  sizes = {path_str(p): int(np.prod(np.shape(v))) for p, v in leaves}
+  sizes = {param_path(p): int(np.prod(np.shape(v))) for p, v in leaves}
   paths = list(sizes)
   patterns = f.trainable or DEFAULT_TRAINABLE[f.strategy]
   for pattern in patterns:
@@ -375,280 +265,3 @@ def _unfreeze_stage(path: str, layers: dict[str, int], num_stages: int) -> int:
   if parts[0] == "embedding":
     return num_stages
   return 1  # lm_head
-
-
-# ---------------------------------------------------------------------------------------------
-# optax pieces for gradual unfreezing.
-
-
-class DelayedState(NamedTuple):
-  count: jax.Array
-  inner: Any
-
-
-def delayed(inner: optax.GradientTransformation, start: int) -> optax.GradientTransformation:
-  """`inner` from its `start`-th update on; before, zero updates and its state untouched."""
-
-  def init(params):
-    return DelayedState(jnp.zeros([], jnp.int32), inner.init(params))
-
-  def update(updates, state, params=None):
-    def run(_):
-      return inner.update(updates, state.inner, params)
-
-    def skip(_):
-      return jax.tree.map(jnp.zeros_like, updates), state.inner
-
-    new_updates, new_inner = jax.lax.cond(state.count >= start, run, skip, None)
-    return new_updates, DelayedState(optax.safe_int32_increment(state.count), new_inner)
-
-  return optax.GradientTransformation(init, update)
-
-
-class ZeroUntilState(NamedTuple):
-  count: jax.Array
-
-
-def zero_until(start_of) -> optax.GradientTransformation:
-  """Zeroes the gradient of a parameter (by dotted path) until update `start_of(path)`."""
-
-  def init(params):
-    del params
-    return ZeroUntilState(jnp.zeros([], jnp.int32))
-
-  def update(updates, state, params=None):
-    del params
-
-    def mask(keypath, g):
-      start = start_of(path_str(keypath))
-      return g if start == 0 else jnp.where(state.count >= start, g, jnp.zeros_like(g))
-
-    updates = jax.tree_util.tree_map_with_path(mask, updates)
-    return updates, ZeroUntilState(optax.safe_int32_increment(state.count))
-
-  return optax.GradientTransformation(init, update)
-
-
-# ---------------------------------------------------------------------------------------------
-# --init-from: base parameters from a checkpoint, fresh adapters / LoRA.
-
-
-def _checkpoint_state_dir(path: str) -> str | None:
-  import orbax.checkpoint as ocp
-  path = os.path.abspath(path)
-  ckpt_dir = os.path.join(path, "checkpoints")
-  if os.path.isdir(ckpt_dir):
-    step = ocp.CheckpointManager(ckpt_dir, item_names=("state", "data")).latest_step()
-    if step is None:
-      return None
-    path = os.path.join(ckpt_dir, str(step))
-  state_dir = os.path.join(path, "state")
-  return state_dir if os.path.isdir(state_dir) else None
-
-
-def _checkpoint_param_keys(state_dir: str) -> set[tuple[str, ...]] | None:
-  import orbax.checkpoint as ocp
-  try:
-    tree = ocp.PyTreeCheckpointer().metadata(state_dir).item_metadata.tree
-  except Exception:  # unreadable: let restore_params report it
-    return None
-  if not isinstance(tree, dict) or not isinstance(tree.get("params"), dict):
-    return None
-  return {tuple(str(_key_name(k)) for k in p) for p, _ in jax.tree_util.tree_flatten_with_path(tree["params"])[0]}
-
-
-def is_peft_path(path: str) -> bool:
-  return matches(path, [peft.ADAPTER_PATTERN, peft.LORA_PATTERN])
-
-
-def init_params(init_from: str, params, log=print):
-  """`params` (an nnx.State of a fresh model) with every parameter that the checkpoint at `init_from`
-  (a workdir or a checkpoint step directory) holds restored from it; adapter/LoRA parameters that
-  it lacks keep their fresh initialisation. Any other missing parameter is an error
-  (`train.restore_params`'s)."""
-  from flax import nnx
-
-  from t5mix import train
-  state_dir = _checkpoint_state_dir(init_from)
-  present = _checkpoint_param_keys(state_dir) if state_dir else None
-  if present is None:
-    return train.restore_params(init_from, params)
-  flat = jax.tree_util.tree_flatten_with_path(params)[0]
-  ours = {tuple(str(_key_name(k)) for k in p) for p, _ in flat}
-  dropped = sorted(".".join(k[:-1]) for k in present - ours if is_peft_path(".".join(k[:-1])))
-  if dropped:
-    log(f"warning: {init_from} has {len(dropped)} adapter/LoRA parameter arrays (e.g. {dropped[0]}) that this "
-        f"model does not have; they are ignored. To start from the adapted model, merge them first: "
-        f"t5mix adapters merge (LoRA is folded into the weights)")
-  missing = [path_str(p) for p, _ in flat if tuple(str(_key_name(k)) for k in p) not in present]
-  if not missing or not all(is_peft_path(p) for p in missing):
-    return train.restore_params(init_from, params)
-  missing_set = set(missing)
-  subset = nnx.from_flat_state([(path, v) for path, v in nnx.to_flat_state(params)
-                                if ".".join(map(str, path)) not in missing_set])
-  restored = train.restore_params(init_from, subset)
-  merged = jax.tree.map(lambda x: x, params)  # a copy: new Variables, same arrays
-  nnx.replace_by_pure_dict(merged, nnx.to_pure_dict(restored))
-  log(f"{len(missing)} adapter/LoRA parameter arrays are not in {init_from}: initialised fresh")
-  return merged
-
-
-# ---------------------------------------------------------------------------------------------
-# Adapter files: the trained parameters of an adapters / LoRA run on their own.
-
-
-PEFT_FIELDS = ("adapter_size", "adapter_after_attention", "lora_rank", "lora_alpha", "lora_targets")
-
-
-def _flat_pure(params) -> dict[str, np.ndarray]:
-  from flax import nnx
-  state = params if isinstance(params, nnx.State) else nnx.State(params)
-  return {".".join(map(str, path)): v.get_value() if hasattr(v, "get_value") else v
-          for path, v in nnx.to_flat_state(state)}
-
-
-def save_adapters(path: str, plan: Plan, params, model_config, *, step: int | None = None) -> int:
-  """Writes the parameters that `plan` trains (adapters, LoRA, and e.g. layer norms) as safetensors,
-  with the PEFT fields of the model config and the run's config in the metadata. Returns the size."""
-  from safetensors.numpy import save_file
-  flat = _flat_pure(params)
-  tensors = {p: np.ascontiguousarray(np.asarray(flat[p], np.float32))
-             for p, s in plan.stage_of.items() if s is not None}
-  metadata = {
-      "format": "t5mix-adapters",
-      "strategy": plan.strategy,
-      "peft": json.dumps({k: getattr(model_config, k) for k in PEFT_FIELDS}),
-      "config": json.dumps(config_lib.to_dict(plan.config)),
-      "step": str(step if step is not None else ""),
-  }
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  save_file(tensors, path, metadata=metadata)
-  return os.path.getsize(path)
-
-
-def load_adapters(path: str) -> tuple[dict[str, np.ndarray], dict]:
-  from safetensors import safe_open
-  if not os.path.exists(path):
-    raise UserError(f"{path}: adapter file not found")
-  try:
-    with safe_open(path, framework="numpy") as f:
-      metadata = f.metadata() or {}
-      tensors = {k: f.get_tensor(k) for k in f.keys()}
-  except Exception as e:  # not a safetensors file
-    raise UserError(f"{path}: not a safetensors file ({str(e).splitlines()[0][:120]})") from None
-  if metadata.get("format") != "t5mix-adapters":
-    raise UserError(f"{path}: not a t5mix adapter file (written by `t5mix adapters export`)")
-  return tensors, metadata
-
-
-def write_run_adapters(plan: Plan, workdir: str, params, model_config, step: int, log=print) -> None:
-  """At the end of an adapters / LoRA run: WORKDIR/adapters.safetensors."""
-  if plan.strategy not in ("adapters", "lora"):
-    return
-  from jax.experimental import multihost_utils
-
-  from t5mix import distributed
-  trained = {p for p, s in plan.stage_of.items() if s is not None}
-  # Sharded over several processes: gather (every process takes part), then one writes.
-  params = _map_leaves_by_path(
-      lambda p, x: multihost_utils.process_allgather(x, tiled=True)
-      if p in trained and not getattr(x, "is_fully_addressable", True) else x, params)
-  if not distributed.is_primary():
-    return
-  path = os.path.join(workdir, ADAPTERS_FILE)
-  size = save_adapters(path, plan, params, model_config, step=step)
-  log(f"wrote {path} ({size / 1e6:.2f} MB: the {plan.trainable_count():,} trained parameters); "
-      f"combine with the base model: t5mix adapters merge --base BASE_WORKDIR --adapters {path} --out DIR")
-
-
-def _map_leaves_by_path(fn, tree):
-  return jax.tree_util.tree_map_with_path(lambda p, x: fn(path_str(p), x), tree)
-
-
-def export_adapters(workdir: str, out: str, checkpoint: str | None = None) -> tuple[int, int]:
-  """`t5mix adapters export`: (number of tensors, bytes) written from a workdir's checkpoint."""
-  from flax import nnx
-
-  from t5mix import convert
-  config_path = os.path.join(workdir, "config.yaml")
-  if not os.path.exists(config_path):
-    raise UserError(f"{workdir}: no config.yaml (not a t5mix training workdir)")
-  c = config_lib.load(config_path)
-  model_config, model = convert.load_workdir_params(workdir, checkpoint)
-  params = nnx.state(model, nnx.Param)
-  plan = make_plan(c, params)
-  if plan.strategy not in ("adapters", "lora") and plan.all_trainable_from_start:
-    raise UserError(f"{workdir}: a {plan.strategy} run trains every parameter; there are no adapters to "
-                    f"export (use the workdir itself, or export-hf)")
-  size = save_adapters(out, plan, params, model_config, step=_step_of(workdir, checkpoint))
-  return sum(s is not None for s in plan.stage_of.values()), size
-
-
-def _step_of(workdir, checkpoint):
-  if checkpoint:
-    return int(checkpoint)
-  ckpts = os.path.join(workdir, "checkpoints")
-  steps = [int(n) for n in os.listdir(ckpts) if n.isdigit()] if os.path.isdir(ckpts) else []
-  return max(steps) if steps else None
-
-
-def merge_adapters(base_workdir: str, adapters_path: str, out_workdir: str, *, fold_lora: bool = True) -> str:
-  """`t5mix adapters merge`: a workdir holding base parameters + adapter file (LoRA folded in unless
-  `fold_lora=False`), with model.yaml, config.yaml (the fine-tuning run's) and a step-0 checkpoint,
-  ready for `t5mix eval` / `export-hf` / `--init-from`. Returns the checkpoint path."""
-  import orbax.checkpoint as ocp
-  import yaml
-  from flax import nnx
-
-  from t5mix import convert
-  from t5mix.model import T5, save_model_config
-  tensors, metadata = load_adapters(adapters_path)
-  ckpt_dir = os.path.join(os.path.abspath(out_workdir), "checkpoints")
-  if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
-    raise UserError(f"{out_workdir}: already holds checkpoints; merge into a new directory")
-  base_config, base_model = convert.load_workdir_params(base_workdir)
-  if base_config.adapter_size or base_config.lora_rank:
-    raise UserError(f"{base_workdir}: the base model already has adapters/LoRA; merge into a plain model")
-  config = dataclasses.replace(base_config, **json.loads(metadata["peft"]))
-  params = nnx.to_pure_dict(nnx.state(base_model, nnx.Param))
-  expected = _flat_pure(nnx.state(nnx.eval_shape(lambda: T5(config, rngs=nnx.Rngs(0))), nnx.Param))
-  flat = _flat_pure(params)
-  for name, value in tensors.items():
-    if name not in expected:
-      raise UserError(f"{adapters_path}: tensor {name!r} is not a parameter of the base model with "
-                      f"these adapters (another model size?)")
-    if tuple(value.shape) != tuple(expected[name].shape):
-      raise UserError(f"{adapters_path}: tensor {name!r} has shape {tuple(value.shape)}, the model "
-                      f"expects {tuple(expected[name].shape)} (another model size?)")
-    flat[name] = value
-  for name in expected.keys() - flat.keys():
-    raise UserError(f"{adapters_path}: has no tensor {name!r}")
-  model = T5.from_params(config, _unflatten(flat))
-  if fold_lora:
-    model = peft.merge_lora_model(model)
-  os.makedirs(out_workdir, exist_ok=True)
-  save_model_config(model.config, os.path.join(out_workdir, "model.yaml"))
-  run_config = json.loads(metadata.get("config") or "{}")
-  if run_config:
-    with open(os.path.join(out_workdir, "config.yaml"), "w") as f:
-      yaml.safe_dump(run_config, f, sort_keys=False)
-  vocab = os.path.join(base_workdir, vocab_lib.WORKDIR_VOCAB_FILE)
-  if os.path.exists(vocab):
-    import shutil
-    shutil.copy(vocab, os.path.join(out_workdir, vocab_lib.WORKDIR_VOCAB_FILE))
-  manager = ocp.CheckpointManager(ckpt_dir, item_names=("state", "data"))
-  manager.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave(
-      {"step": 0, "params": nnx.state(model, nnx.Param)})))
-  manager.wait_until_finished()
-  return os.path.join(ckpt_dir, "0")
-
-
-def _unflatten(flat: dict[str, Any]) -> dict:
-  out: dict = {}
-  for name, value in flat.items():
-    node = out
-    *parents, leaf = [int(k) if k.isdigit() else k for k in name.split(".")]
-    for k in parents:
-      node = node.setdefault(k, {})
-    node[leaf] = value
-  return out

@@ -19,6 +19,7 @@ import seqio
 import tensorflow as tf
 
 from t5mix import mixing
+from t5mix.errors import UserError
 from t5mix.registry import examples, get_task_or_mixture
 
 TASK_IDS = "task_ids"
@@ -58,7 +59,6 @@ def get_dataset(name: str, split: str, feature_lengths: Mapping[str, int], *, se
     datasets.append(ds.map(_tag(index + 1, architecture), num_parallel_calls=tf.data.AUTOTUNE))
     weights.append(rates[task.name])
   if not datasets:
-    from t5mix.errors import UserError
     raise UserError(f"{name!r}: no task has a {split!r} split")
   if len(datasets) == 1:
     ds = datasets[0]

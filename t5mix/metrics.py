@@ -276,13 +276,16 @@ def span_f1(targets, predictions) -> dict[str, float]:
 # --- benchmark average ------------------------------------------------------------------------
 
 
+def task_mean(scores: Mapping[str, float]) -> float:
+  """A task's score: the mean of its metrics (T5 averages a multi-metric task first)."""
+  return float(np.mean(list(scores.values())))
+
+
 def glue_average(results: Mapping[str, Mapping[str, float]]) -> float:
   """Mean over tasks of each task's mean metric (T5's GLUE score: multi-metric tasks averaged first)."""
   if not results:
     raise ValueError("no task results to average")
-  task_means = []
   for task, scores in results.items():
     if not scores:
       raise ValueError(f"task {task!r} has no metrics to average")
-    task_means.append(float(np.mean(list(scores.values()))))
-  return float(np.mean(task_means))
+  return float(np.mean([task_mean(scores) for scores in results.values()]))

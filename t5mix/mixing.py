@@ -22,7 +22,8 @@ from typing import Any, Mapping
 
 import seqio
 
-from t5mix.errors import UserError, did_you_mean, key_origin
+from t5mix.errors import UserError, check_keys, did_you_mean, key_origin
+from t5mix.registry import get_task_or_mixture
 
 RATES = ("proportional", "temperature", "equal", "explicit")
 
@@ -49,10 +50,7 @@ class MixtureSpec:
     name = d.get("name")
     mixture = f": mixture {name!r}" if isinstance(name, str) else ""
     known = {f.name for f in dataclasses.fields(cls)} - {"origin", "key_origins"}
-    for key in d:
-      if key not in known:
-        raise UserError(f"{key_origins.get(str(key), origin)}{mixture}: unknown key {key!r}"
-                        f"{did_you_mean(key, sorted(known))}")
+    check_keys(d, known, lambda key: f"{key_origins.get(key, origin)}{mixture}")
     for key in ("name", "tasks"):
       if key not in d:
         raise UserError(f"{origin}{mixture}: missing required key {key!r}")
@@ -151,8 +149,6 @@ def add_mixture(name: str | MixtureSpec | None = None, *, spec: MixtureSpec | No
   if spec is None:
     origin = kwargs.pop("origin", "<python>")
     spec = MixtureSpec.from_dict({"name": name, **kwargs}, origin=origin)
-  from t5mix.registry import get_task_or_mixture  # registry imports nothing from here
-
   if spec.name in seqio.MixtureRegistry.names() or spec.name in seqio.TaskRegistry.names():
     raise UserError(f"{spec.where('name')}: the name is already defined; pick another name")
   if spec.rate == "equal":

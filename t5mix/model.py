@@ -509,3 +509,30 @@ class T5(nnx.Module):
                              cross_mask=cross_mask, cache=cache["layers"], index=index)
     new_cache = {**cache, "index": cache["index"] + length, "valid": key_valid, "layers": layers}
     return self._logits(x), new_cache
+
+
+def merge_lora_model(model: T5) -> T5:
+  """(model with LoRA) → an equivalent model without it (same object if it has none)."""
+  config = model.config
+  if not config.lora_rank:
+    return model
+  params = peft.merge_lora(nnx.to_pure_dict(nnx.state(model, nnx.Param)), config)
+  return T5.from_params(dataclasses.replace(config, lora_rank=0), params)
+
+
+def key_names(keypath) -> tuple[str, ...]:
+  """A jax key path's names: ('encoder', 'layers', '0', 'mlp', 'wi_0', 'value')."""
+  def name(k):
+    for attr in ("key", "name", "idx"):  # DictKey / FlattenedIndexKey, GetAttrKey, SequenceKey
+      if hasattr(k, attr):
+        return str(getattr(k, attr))
+    return str(k)
+  return tuple(name(k) for k in keypath)
+
+
+def param_path(keypath) -> str:
+  """A jax key path → `encoder.layers.0.mlp.wi_0` (an nnx Variable's trailing `.value` dropped)."""
+  keys = list(keypath)
+  if keys and isinstance(keys[-1], jax.tree_util.GetAttrKey):
+    keys = keys[:-1]
+  return ".".join(key_names(keys))

@@ -28,7 +28,7 @@ without for the same seed.
 
 from __future__ import annotations
 
-import dataclasses
+import fnmatch
 import math
 
 import jax
@@ -41,6 +41,11 @@ SHORTHANDS = {"attention": ATTENTION_TARGETS, "mlp": MLP_TARGETS, "all": ATTENTI
 # Names of PEFT modules in parameter paths: `fnmatch` patterns that select exactly the PEFT params.
 ADAPTER_PATTERN = "*_adapter.*"
 LORA_PATTERN = "*_lora.*"
+
+
+def is_peft_path(path: str) -> bool:
+  """Whether a dotted parameter path (`encoder.layers.0.mlp_adapter.wi`) is an adapter's or LoRA's."""
+  return any(fnmatch.fnmatchcase(path, p) for p in (ADAPTER_PATTERN, LORA_PATTERN))
 
 
 def lora_targets(spec: str, gated: bool) -> tuple[str, ...]:
@@ -181,13 +186,3 @@ def merge_lora(params: dict, config) -> dict:
     return out
 
   return merge(params)
-
-
-def merge_lora_model(model):
-  """(model with LoRA) → an equivalent model without it (same object if it has none)."""
-  from t5mix.model import T5  # model imports this module
-  config = model.config
-  if not config.lora_rank:
-    return model
-  params = merge_lora(nnx.to_pure_dict(nnx.state(model, nnx.Param)), config)
-  return T5.from_params(dataclasses.replace(config, lora_rank=0), params)

@@ -19,19 +19,19 @@ import numpy as np
 import seqio
 from flax import nnx
 
-from t5mix import evaluate, metrics, registry
+from t5mix import checkpoints, evaluate, metrics, registry
 from t5mix.errors import UserError
 
 
 def load(workdir: str, checkpoint: str | None):
   """(run, graphdef, params, step) of one checkpoint (default: the latest)."""
-  run = evaluate.open_run(workdir)
+  run = checkpoints.open_run(workdir)
   if checkpoint is not None and not str(checkpoint).strip().isdigit():
     raise UserError(f"--checkpoint {checkpoint!r}: expected a step number")
-  step = evaluate.choose_steps(workdir, str(checkpoint).strip() if checkpoint is not None
-                               else "latest")[0]
-  graphdef, abstract = evaluate.abstract_model(run.model_config)
-  return run, graphdef, evaluate.restore_params(workdir, step, abstract), step
+  step = checkpoints.choose_steps(workdir, str(checkpoint).strip() if checkpoint is not None
+                                  else "latest")[0]
+  graphdef, abstract = checkpoints.abstract_model(run.model_config)
+  return run, graphdef, checkpoints.restore_step_params(workdir, step, abstract), step
 
 
 def get_task(name: str) -> seqio.Task:
@@ -127,7 +127,7 @@ def predict(workdir: str, task_name: str, texts: Sequence[str] = (), input_path:
             *, checkpoint: str | None = None, beam_size: int = 1,
             batch_size: int = evaluate.DEFAULT_BATCH_SIZE) -> tuple[int, list[dict]]:
   """(step, [{"record", "inputs", "prediction", "parsed"}, ...])."""
-  evaluate.check_workdir(workdir)
+  checkpoints.check_workdir(workdir)
   task = get_task(task_name)
   records = read_records(task, texts, input_path)
   where = lambda r: f"{input_path}:{r['_line']}" if input_path else "TEXT"  # noqa: E731
@@ -178,7 +178,7 @@ def embed(workdir: str, task_name: str, out_path: str, *, split: str = "validati
           batch_size: int = evaluate.DEFAULT_BATCH_SIZE) -> tuple[int, np.ndarray, str]:
   """Writes [N, d_model] float32 embeddings to out_path (.npy) and the examples' inputs/targets
   text, row by row, to the .jsonl beside it; returns (step, embeddings, jsonl path)."""
-  evaluate.check_workdir(workdir)
+  checkpoints.check_workdir(workdir)
   task = get_task(task_name)
   if split not in task.splits:
     raise UserError(f"task {task.name!r} has no split {split!r}; it has {', '.join(task.splits)}")
@@ -207,8 +207,8 @@ def embed(workdir: str, task_name: str, out_path: str, *, split: str = "validati
   for start in range(0, len(tokens), batch_size):
     chunk = tokens[start:start + batch_size]
     n = len(chunk)
-    if n < batch_size and len(tokens) > batch_size:  # keep one shape: one compilation
-      chunk = np.concatenate([chunk, np.repeat(chunk[:1], batch_size - n, axis=0)])
+    if len(tokens) > batch_size:  # keep one shape: one compilation
+      chunk = evaluate.pad_rows(chunk, batch_size)
     out.append(np.asarray(_mean_pooled(graphdef, params, chunk))[:n])
   embeddings = np.concatenate(out).astype(np.float32)
   out_dir = os.path.dirname(os.path.abspath(out_path))

@@ -33,7 +33,7 @@ import seqio
 import tensorflow as tf
 
 from t5mix import formats, metrics, ner, span_corruption
-from t5mix.errors import UserError, did_you_mean, key_origin
+from t5mix.errors import UserError, check_keys, did_you_mean, key_origin
 from t5mix.vocab import get_vocabulary
 
 KINDS = ("classification", "qa", "ner", "text")
@@ -115,10 +115,7 @@ class TaskSpec:
     name = d.get("name")
     task = f": task {name!r}" if isinstance(name, str) else ""
     known = {f.name for f in dataclasses.fields(cls)} - {"base_dir", "origin", "key_origins"}
-    for key in d:
-      if key not in known:
-        raise UserError(f"{key_origins.get(str(key), origin)}{task}: unknown key {key!r}"
-                        f"{did_you_mean(key, sorted(known))}")
+    check_keys(d, known, lambda key: f"{key_origins.get(key, origin)}{task}")
     for key in ("name", "kind", "splits"):
       if key not in d:
         raise UserError(f"{origin}{task}: missing required key {key!r}")

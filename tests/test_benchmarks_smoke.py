@@ -15,9 +15,10 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
                     reason="needs the bench peers (torch, transformers)")
 def test_decode_benchmark_runs(tmp_path):
   out = tmp_path / "decode.json"
+  batch, new_tokens = 4, 4
   proc = subprocess.run(
-      [sys.executable, str(REPO / "benchmarks" / "decode.py"), "--tiny", "--batch", "4", "--inputs-length", "16",
-       "--new-tokens", "4", "--repeats", "1", "--json", str(out), "--breakdown"],
+      [sys.executable, str(REPO / "benchmarks" / "decode.py"), "--tiny", "--batch", str(batch), "--inputs-length",
+       "16", "--new-tokens", str(new_tokens), "--repeats", "1", "--json", str(out), "--breakdown"],
       capture_output=True, text=True, cwd=REPO, timeout=120)
   assert proc.returncode == 0, proc.stdout + proc.stderr
   results = json.loads(out.read_text())
@@ -27,7 +28,16 @@ def test_decode_benchmark_runs(tmp_path):
   assert all(breakdown[k] > 0 for k in ("prefill_s", "greedy_s", "projection_s", "projection_weight_gb_per_s"))
   if "hf_torch" in results["frameworks"]:  # same weights, float32: greedy outputs should agree
     assert results["frameworks"]["hf_torch"]["tokens_per_s"] > 0
-    assert 0.0 <= results["agreement"]["token_fraction"] <= 1.0
+    agreement = results["agreement"]
+    first_diff = agreement["first_difference_per_row"]  # new_tokens where a row agrees throughout
+    assert agreement["rows"] == batch and len(first_diff) == batch
+    assert all(0 <= d <= new_tokens for d in first_diff)
+    assert agreement["rows_identical"] == sum(d == new_tokens for d in first_diff)
+    # The fraction is of the batch x new_tokens tokens: those before each row's first difference
+    # agree, the one at it does not, those after it may. (Rows that agree throughout pin it exactly.)
+    agreeing = agreement["token_fraction"] * batch * new_tokens
+    assert agreeing == pytest.approx(round(agreeing))
+    assert sum(first_diff) <= round(agreeing) <= batch * new_tokens - sum(d < new_tokens for d in first_diff)
 
 
 def test_profile_train_step_runs():

@@ -13,7 +13,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from t5mix import cli, config as config_lib, definitions, train
-from t5mix.convert import load_workdir_params
+from t5mix.checkpoints import load_workdir_params
 from t5mix.hf_interop import save_hf_checkpoint
 from t5mix.model import T5, T5Config
 from t5mix.vocab import DEMO_VOCAB

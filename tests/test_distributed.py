@@ -23,7 +23,7 @@ import pytest
 import tensorflow as tf
 
 from t5mix import config as config_lib
-from t5mix import definitions, train
+from t5mix import checkpoints, definitions, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The tiny model with one layer per stack (compiling is most of these runs' time).
@@ -238,5 +238,5 @@ def test_two_processes(tmp_path):
   train.train(c, str(workdir), quiet=True, log=lines.append)
   assert any(line.startswith("resumed from checkpoint at step 4 (its data position is for "
                              "another data sharding") for line in lines), lines
-  restored = train.restore_params(str(workdir / "checkpoints" / "4"), saved)
+  restored = checkpoints.restore_params(str(workdir / "checkpoints" / "4"), saved)
   _assert_close_trees(restored, saved, atol=0)

@@ -18,10 +18,12 @@ import pytest
 import seqio
 import yaml
 from sklearn import metrics as sk
+from flax import nnx
 
 from t5mix import config as config_lib
-from t5mix import definitions, evaluate, metrics, registry, train
+from t5mix import checkpoints, definitions, eval_report, evaluate, metrics, registry, train
 from t5mix.errors import UserError
+from t5mix.model import T5, T5Config
 
 TINY = ["model=tiny", "data.mixture=demo_supervised", "data.batch_size=8", "data.inputs_length=64",
         "data.targets_length=16", "log_every=10", "optimizer.warmup_steps=5"]
@@ -231,7 +233,7 @@ def test_plot_marks_best_checkpoints_and_constant_baselines(tmp_path, monkeypatc
              "best_per_task": {"a": {"step": 200, "mean": 60.0}, "b": {"step": 400, "mean": 20.0}},
              "single_best_checkpoint": {"step": 400, "average": 35.0},
              "baselines": {"a": {"best_constant": {"label": "yes", "mean": 42.0}}}}
-  evaluate.plot(results, str(tmp_path / "metrics.png"))
+  eval_report.plot(results, str(tmp_path / "metrics.png"))
   lines = figures[0].axes[0].lines
   stars = {(line.get_xdata()[0], line.get_ydata()[0]) for line in lines if line.get_marker() == "*"}
   assert stars == {(200, 60.0), (400, 20.0), (400, 35.0)}
@@ -240,9 +242,9 @@ def test_plot_marks_best_checkpoints_and_constant_baselines(tmp_path, monkeypatc
 
 
 def test_evaluator_caches_examples_and_is_deterministic(small_run):
-  run = evaluate.open_run(str(small_run))
-  graphdef, abstract = evaluate.abstract_model(run.model_config)
-  params = evaluate.restore_params(str(small_run), 20, abstract)
+  run = checkpoints.open_run(str(small_run))
+  graphdef, abstract = checkpoints.abstract_model(run.model_config)
+  params = checkpoints.restore_step_params(str(small_run), 20, abstract)
   tasks = evaluate.eval_tasks(["demo_supervised"], "validation", explicit=False)
   evaluator = evaluate.Evaluator(tasks, evaluate.Decoder(graphdef, max_decode_len=16),
                                  lengths=run.lengths, max_examples=5)
@@ -367,19 +369,34 @@ def test_embed_writes_mean_pooled_rows_and_texts(cli, small_run, tmp_path):
   np.testing.assert_allclose(np.load(one)[0], x[0], rtol=1e-5, atol=1e-5)
 
 
-def test_format_inputs_is_format_records_inputs():
-  for name in ("demo_sentiment", "demo_qa", "demo_ner"):
-    spec = registry.get_task_or_mixture(name).t5mix_spec
-    records = (registry._file_records(spec, "validation"))[:5]
-    for record in records:
-      raw = {k: v for k, v in record.items() if k not in (spec.label, "answers", "tags")}
-      assert registry.format_inputs(spec, raw, "x") == registry.format_record(spec, record, "x")["inputs"]
-  assert registry.input_fields(registry.get_task_or_mixture("demo_sentiment").t5mix_spec) == ["sentence"]
-  assert registry.input_fields(registry.get_task_or_mixture("demo_qa").t5mix_spec) == [
-      "question", "context"]
-  ner_spec = registry.get_task_or_mixture("demo_ner").t5mix_spec
-  assert registry.format_inputs(ner_spec, {"sentence": " Alice  visited Oslo "}, "x") == (
-      "demo_ner: Alice visited Oslo")
+def test_prediction_inputs_read_as_the_training_examples():
+  """The fields `t5mix predict` asks for (input_fields), without a label or answer, give the input
+  text the task's examples have (the first validation example of each demo task, its text typed
+  out here)."""
+  spec = {name: registry.get_task_or_mixture(name).t5mix_spec
+          for name in ("demo_sentiment", "demo_qa", "demo_ner")}
+  sentence = "the concert was very fantastic but the concert was disappointing ."
+  question = "Where does Victor Dubois live?"
+  context = ("Victor Dubois is employed by Stark Industries. Elena Ivanova works as a painter. The "
+             "favourite colour of Elena Ivanova is yellow. Dara Tanaka lives in Graz. Victor Dubois "
+             "works as a farmer. Elena Ivanova keeps a parrot at home. Dara Tanaka keeps a tortoise "
+             "at home. Dara Tanaka is employed by Soylent Foods. Victor Dubois lives in Lima.")
+  expected = {
+      "demo_sentiment": ({"sentence": sentence}, f"sentiment: {sentence}", "negative"),
+      "demo_qa": ({"question": question, "context": context},
+                  f"question: {question} context: {context}", "Lima"),
+      # NER: the sentence as text (split on whitespace) or as the tokens column.
+      "demo_ner": ({"sentence": " Acme Corp  opened an office in Cusco . "},
+                   "demo_ner: Acme Corp opened an office in Cusco .", "ORG: Acme Corp; LOC: Cusco"),
+  }
+  for name, (fields, inputs, targets) in expected.items():
+    assert registry.input_fields(spec[name]) == list(fields)
+    example = registry.examples(spec[name], "validation")[0]
+    assert (example["inputs"], example["targets"]) == (inputs, targets)
+    assert registry.format_inputs(spec[name], fields, "x") == inputs
+  tokens = {"tokens": ["Acme", "Corp", "opened", "an", "office", "in", "Cusco", "."]}
+  assert registry.format_inputs(spec["demo_ner"], tokens, "x") == (
+      "demo_ner: Acme Corp opened an office in Cusco .")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -518,3 +535,24 @@ def test_trained_run_predict_and_embedding_probe(trained_run, tmp_path):
   x_val, y_val = embed("validation", None)
   probe = LogisticRegression(max_iter=1000).fit(x_train, y_train)
   assert probe.score(x_val, y_val) > 0.6
+
+
+@pytest.mark.parametrize("architecture,beam_size",
+                         [("encoder_decoder", 1), ("decoder_only", 1), ("encoder_decoder", 2)])
+def test_decoder_cuts_padding_without_changing_outputs(architecture, beam_size):
+  """Rows sorted by length and batches cut to narrower widths decode as each row does alone at the
+  full inputs_length, and come back in their original order."""
+  config = T5Config(vocab_size=48, d_model=32, d_kv=8, d_ff=64, num_heads=4, num_encoder_layers=2,
+                    num_decoder_layers=2, relative_attention_num_buckets=8,
+                    relative_attention_max_distance=16, dropout_rate=0.0, architecture=architecture)
+  graphdef, params = nnx.split(T5(config, rngs=nnx.Rngs(3)))
+  rng = np.random.default_rng(0)
+  lengths = [40, 3, 9, 1, 5]  # in batches of 2, shortest first: [1, 3] and [5, 9] at width 32, [40]
+  inputs = np.zeros((len(lengths), 40), np.int32)
+  for row, n in enumerate(lengths):
+    inputs[row, :n] = rng.integers(2, 48, n)
+  got = evaluate.Decoder(graphdef, max_decode_len=6, beam_size=beam_size, batch_size=2)(params, inputs)
+  alone = evaluate.Decoder(graphdef, max_decode_len=6, beam_size=beam_size, batch_size=1)
+  alone.WIDTHS = ()  # every row at the full width
+  expected = np.concatenate([alone(params, inputs[row:row + 1]) for row in range(len(lengths))])
+  np.testing.assert_array_equal(got, expected)

@@ -14,9 +14,9 @@ import pytest
 from flax import nnx
 
 from t5mix import config as config_lib
-from t5mix import definitions, finetune, peft, train
+from t5mix import adapters, checkpoints, definitions, finetune, optim, peft, train
 from t5mix.errors import UserError
-from t5mix.model import T5, T5Config
+from t5mix.model import T5, T5Config, merge_lora_model, param_path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["model=tiny", "data.mixture=demo_supervised", "data.batch_size=8", "data.inputs_length=64",
@@ -43,7 +43,7 @@ def tiny_batch(seed=0, batch=2, length=7):
 
 def flat(params) -> dict[str, np.ndarray]:
   """Dotted path → array of an nnx.State (or a pure dict)."""
-  return {finetune.path_str(path): np.asarray(x) for path, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+  return {param_path(path): np.asarray(x) for path, x in jax.tree_util.tree_flatten_with_path(params)[0]}
 
 
 def checkpoint_params(workdir, step):
@@ -195,7 +195,7 @@ def test_gradual_unfreezing_frozen_params_bit_identical_until_their_stage(optimi
   params = nnx.state(T5(tiny_config(), rngs=nnx.Rngs(0)), nnx.Param)
   plan = finetune.make_plan(c, params)
   assert plan.num_stages == 3
-  opt = plan.make_optimizer()
+  opt = optim.make_optimizer(c, plan)
 
   @jax.jit
   def step(params, opt_state, key):
@@ -222,13 +222,14 @@ def test_frozen_params_get_no_optimizer_state():
   params = nnx.state(T5(tiny_config(), rngs=nnx.Rngs(0)), nnx.Param)
   c = config_lib.load(None, ["optimizer.name=adamw", "finetune.trainable=[decoder.layers.2]"])
   plan = finetune.make_plan(c, params)
-  state = plan.make_optimizer().init(params)
+  state = optim.make_optimizer(c, plan).init(params)
   state_size = sum(x.size for x in jax.tree.leaves(state))
   assert state_size <= 2 * plan.trainable_count() + 8  # Adam's two moments of the trainable params + counts
   assert plan.trainable_count() < sum(plan.sizes.values()) / 4
-  # The full strategy keeps train.make_optimizer's exact state structure (old checkpoints resume).
-  full = finetune.make_plan(config_lib.load(None, ["optimizer.name=adamw"]), params).make_optimizer()
-  reference = train.make_optimizer(config_lib.load(None, ["optimizer.name=adamw"]).optimizer, 400)
+  # The full strategy keeps optim.base_optimizer's exact state structure (old checkpoints resume).
+  adamw = config_lib.load(None, ["optimizer.name=adamw"])
+  full = optim.make_optimizer(adamw, finetune.make_plan(adamw, params))
+  reference = optim.base_optimizer(config_lib.load(None, ["optimizer.name=adamw"]).optimizer, 400)
   assert jax.tree.structure(full.init(params)) == jax.tree.structure(reference.init(params))
 
 
@@ -244,7 +245,7 @@ def test_fresh_adapters_and_lora_leave_outputs_unchanged(peft_config):
   adapted = T5(tiny_config(**arch, **peft_config), rngs=nnx.Rngs(0))
   base_params, adapted_params = flat(nnx.state(base, nnx.Param)), flat(nnx.state(adapted, nnx.Param))
   new = adapted_params.keys() - base_params.keys()
-  assert new and all(finetune.is_peft_path(p) for p in new)
+  assert new and all(peft.is_peft_path(p) for p in new)
   for name, value in base_params.items():  # same seed → same base initialisation
     np.testing.assert_array_equal(value, adapted_params[name])
   batch = tiny_batch()
@@ -259,7 +260,7 @@ def test_lora_merge_gives_the_same_logits():
   state = nnx.state(model, nnx.Param)
   key = iter(jax.random.split(jax.random.key(1), 1000))
   state = jax.tree_util.tree_map_with_path(  # trained-looking LoRA: B no longer zero
-      lambda p, x: x + 0.05 * jax.random.normal(next(key), x.shape) if "_lora" in finetune.path_str(p) else x, state)
+      lambda p, x: x + 0.05 * jax.random.normal(next(key), x.shape) if "_lora" in param_path(p) else x, state)
   nnx.update(model, state)
   batch = tiny_batch()
   logits = np.asarray(model(batch))
@@ -268,7 +269,7 @@ def test_lora_merge_gives_the_same_logits():
   assert not any("_lora" in p for p in flat(nnx.state(merged, nnx.Param)))
   np.testing.assert_allclose(np.asarray(merged(batch)), logits, atol=1e-5)
   assert np.abs(logits - np.asarray(T5(tiny_config(), rngs=nnx.Rngs(0))(batch))).max() > 1e-3  # LoRA mattered
-  np.testing.assert_allclose(np.asarray(peft.merge_lora_model(model)(batch)), logits, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(merge_lora_model(model)(batch)), logits, atol=1e-5)
 
 
 # --- end to end: training, adapter files, merging, resume --------------------------------------------------
@@ -289,19 +290,18 @@ def test_adapters_train_only_adapters_and_norms(base_workdir, tmp_path):
   assert len(changed_adapters) == 2 * 2 + 2 * 3  # tiny: 2+2 blocks; after FFN and each attention
   # The adapter file holds exactly the trained params and merges with the base into the same model.
   from safetensors.numpy import load_file
-  saved = load_file(str(workdir / finetune.ADAPTERS_FILE))
+  saved = load_file(str(workdir / adapters.ADAPTERS_FILE))
   assert set(saved) == {p for p in tuned if "_adapter." in p or "norm" in p}
   merged = tmp_path / "merged"
-  finetune.merge_adapters(str(base_workdir), str(workdir / finetune.ADAPTERS_FILE), str(merged))
+  adapters.merge_adapters(str(base_workdir), str(workdir / adapters.ADAPTERS_FILE), str(merged))
   assert_same_logits(workdir, merged)
 
 
 def assert_same_logits(workdir_a, workdir_b, atol=1e-5):
-  from t5mix import convert
   batch = tiny_batch()
   logits = []
   for w in (workdir_a, workdir_b):
-    _, model = convert.load_workdir_params(str(w))
+    _, model = checkpoints.load_workdir_params(str(w))
     batch = {k: v % model.config.vocab_size for k, v in batch.items()}
     logits.append(np.asarray(model(batch)))
   np.testing.assert_allclose(logits[0], logits[1], atol=atol)
@@ -316,10 +316,10 @@ def test_lora_run_freezes_base_and_merges_for_export(base_workdir, tmp_path):
   assert any(p.endswith("_lora.b") and np.abs(v).max() > 0 for p, v in tuned.items())
   # export → merge (LoRA folded) = the fine-tuned model; export-hf folds LoRA too.
   out = tmp_path / "lora.safetensors"
-  count, _ = finetune.export_adapters(str(workdir), str(out))
+  count, _ = adapters.export_adapters(str(workdir), str(out))
   assert count == sum("_lora." in p for p in tuned)
   merged = tmp_path / "merged"
-  finetune.merge_adapters(str(base_workdir), str(out), str(merged))
+  adapters.merge_adapters(str(base_workdir), str(out), str(merged))
   assert "lora_rank: 0" in (merged / "model.yaml").read_text()
   assert_same_logits(workdir, merged)
   from t5mix import convert
@@ -334,7 +334,7 @@ def test_lora_run_freezes_base_and_merges_for_export(base_workdir, tmp_path):
   tensors["encoder.layers.9.self_attention.query_lora.a"] = tensors.pop(next(iter(tensors)))
   save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=metadata)
   with pytest.raises(UserError, match="not a parameter of the base model"):
-    finetune.merge_adapters(str(base_workdir), str(tmp_path / "bad.safetensors"), str(tmp_path / "bad"))
+    adapters.merge_adapters(str(base_workdir), str(tmp_path / "bad.safetensors"), str(tmp_path / "bad"))
 
 
 @pytest.mark.slow
@@ -428,7 +428,7 @@ def test_frozen_parameters_get_no_gradient_computation(strategy):
   model_config = finetune.apply_to_model_config(c.finetune, tiny_config(vocab_size=128, d_model=64, d_ff=256))
   graphdef, params = nnx.split(T5(model_config, rngs=nnx.Rngs(0)), nnx.Param)
   plan = finetune.make_plan(c, params)
-  optimizer = plan.make_optimizer()
+  optimizer = optim.make_optimizer(c, plan)
   state = train.TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
   rng = np.random.default_rng(0)
   tokens = lambda n: jnp.asarray(rng.integers(2, 128, (4, n)), jnp.int32)  # noqa: E731

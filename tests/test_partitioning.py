@@ -9,7 +9,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from t5mix import config as config_lib
-from t5mix import distributed, partitioning, train
+from t5mix import distributed, optim, partitioning, train
 from t5mix.errors import UserError
 from t5mix.model import T5, load_model_config
 
@@ -80,7 +80,7 @@ def _abstract(model_name="mini", **overrides):
 def test_optimizer_state_follows_the_parameters():
   """Adafactor's factored statistics (mini: d_model 128, d_ff 512) drop the reduced dimension."""
   params = _abstract()
-  optimizer = train.make_optimizer(config_lib.OptimizerConfig(), 100)
+  optimizer = optim.base_optimizer(config_lib.OptimizerConfig(), 100)
   state = jax.eval_shape(
       lambda p: train.TrainState(jax.numpy.zeros((), jax.numpy.int32), p, optimizer.init(p)), params)
   specs = partitioning.tree_specs(state, params, {"data": 2, "fsdp": 2, "model": 2})
@@ -108,7 +108,7 @@ def test_optimizer_state_follows_the_parameters():
 def test_optimizer_state_with_gradient_accumulation_and_adamw():
   params = _abstract("tiny")
   c = config_lib.OptimizerConfig(name="adamw", grad_accum_steps=2)
-  state = jax.eval_shape(train.make_optimizer(c, 10).init, params)
+  state = jax.eval_shape(optim.base_optimizer(c, 10).init, params)
   specs = partitioning.tree_specs(state, params, {"data": 1, "fsdp": 1, "model": 2})
   leaves = jax.tree_util.tree_flatten_with_path(specs, is_leaf=lambda x: isinstance(x, P))[0]
   by_path = {jax.tree_util.keystr(p): s for p, s in leaves}

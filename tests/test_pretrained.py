@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import seqio
 
-from t5mix import cli, convert, decode
+from t5mix import checkpoints, cli, decode
 
 MODEL_DIR = pathlib.Path(__file__).resolve().parents[2] / "shared" / "models" / "flan-t5-small-kd"
 pytestmark = pytest.mark.skipif(not MODEL_DIR.is_dir(), reason=f"{MODEL_DIR} is not here")
@@ -45,7 +45,7 @@ def imported(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ours(imported):
   """t5mix's model, restored from the imported workdir's checkpoint."""
-  return convert.load_workdir_params(str(imported[0]))[1]
+  return checkpoints.load_workdir_params(str(imported[0]))[1]
 
 
 @pytest.fixture(scope="module")

@@ -4,14 +4,13 @@ The first test is the reproduction a new user hit: a task with no `vocabulary:` 
 with the demo tasks (demo SentencePiece) used to train on two tokenisations without a word.
 """
 
-import os
 import pathlib
 
 import pytest
 import yaml
 from flax import nnx
 
-from t5mix import registry, train
+from t5mix import registry
 from t5mix import vocab as vocab_lib
 from t5mix.hf_interop import save_hf_checkpoint
 from t5mix.model import T5, T5Config

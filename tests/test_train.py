@@ -17,7 +17,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from t5mix import config as config_lib
-from t5mix import definitions, train
+from t5mix import checkpoints, definitions, optim, train
 from t5mix.errors import UserError
 
 TINY = ["model=tiny", "data.mixture=demo_supervised", "data.batch_size=8", "data.inputs_length=64",
@@ -42,6 +42,16 @@ def _run(workdir, *overrides, **kwargs):
   return train.train(_config(*overrides), str(workdir), quiet=True, log=lambda *a: None, **kwargs)
 
 
+def _assert_params_close(a, b, **tolerances):
+  """`a` and `b` hold the same parameters (the same names, nothing missing on either side) with
+  values within `tolerances` (np.testing.assert_allclose's; none: equal)."""
+  leaves_a, leaves_b = (jax.tree_util.tree_leaves_with_path(t) for t in (a, b))
+  names_a, names_b = ([jax.tree_util.keystr(path) for path, _ in leaves] for leaves in (leaves_a, leaves_b))
+  assert names_a == names_b, f"only in one: {sorted(set(names_a) ^ set(names_b))}"
+  for name, (_, x), (_, y) in zip(names_a, leaves_a, leaves_b, strict=True):
+    np.testing.assert_allclose(x, y, **{"rtol": 0, "atol": 0, **tolerances}, err_msg=name)
+
+
 def test_resume_after_interruption_equals_uninterrupted(tmp_path):
   full = tmp_path / "full"
   _run(full, "steps=20", "checkpoint_every=10", "log_every=10")
@@ -51,8 +61,7 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path):
   shutil.rmtree(interrupted / "checkpoints" / "20")
   _run(interrupted, "steps=20", "checkpoint_every=10", "log_every=10")
   a, b = _params(full, 20), _params(interrupted, 20)
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_allclose(x, y, rtol=0, atol=1e-6)
+  _assert_params_close(a, b, atol=1e-6)
 
 
 def test_rerunning_a_finished_run_does_nothing(tmp_path):
@@ -63,8 +72,7 @@ def test_rerunning_a_finished_run_does_nothing(tmp_path):
   assert summary["step"] == 4 and summary["loss"] is None
   assert any(line.startswith("done: step 4, no steps left to run;") for line in lines), lines
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4"]
-  for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(_params(tmp_path, 4))):
-    np.testing.assert_array_equal(x, y)
+  _assert_params_close(before, _params(tmp_path, 4))
 
 
 def test_loss_goes_down_and_tasks_are_counted(tmp_path):
@@ -109,8 +117,7 @@ def test_init_from_loads_parameters_only(tmp_path):
               str(tmp_path / "ft"), init_from=str(tmp_path / "base"), quiet=True, log=seen.append)
   assert any("initialised parameters" in line for line in seen)
   tuned = _params(tmp_path / "ft", 1)  # step 1: one tiny update on top of the base parameters
-  for x, y in zip(jax.tree.leaves(base), jax.tree.leaves(tuned)):
-    np.testing.assert_allclose(x, y, atol=1e-5)
+  _assert_params_close(base, tuned, rtol=1e-7, atol=1e-5)
   with pytest.raises(UserError, match="no such workdir"):
     _run(tmp_path / "x", "steps=1", init_from=str(tmp_path / "missing"))
 
@@ -154,7 +161,7 @@ def test_parameter_scale_makes_updates_relative_to_the_weight(name):
   grads = {"small": jnp.ones((4, 8)), "large": jnp.ones((4, 8))}
 
   def first_update(*overrides):
-    opt = train.make_optimizer(_config(*base, *overrides).optimizer, 10)
+    opt = optim.base_optimizer(_config(*base, *overrides).optimizer, 10)
     updates, _ = opt.update(grads, opt.init(params), params)
     return {k: float(jnp.abs(v).mean()) for k, v in updates.items()}
 
@@ -193,7 +200,7 @@ def test_an_old_run_resumes_with_its_optimizer_and_a_changed_one_is_a_clear_erro
   with pytest.raises(UserError, match="does not match this config.*optimizer.parameter_scale"):
     _run(tmp_path, "steps=4", "optimizer.parameter_scale=true")
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "3"]
-  assert not (tmp_path / train.UNREADABLE_DIR).exists()
+  assert not (tmp_path / checkpoints.UNREADABLE_DIR).exists()
 
 
 def test_resuming_with_another_optimizer_is_a_clear_error(tmp_path):
@@ -295,6 +302,6 @@ def test_tensorboard_has_learning_rate_and_padding_share(slow_compile_run):
            for line in lines if line.startswith("step ")]
   shares = [scalars["padding_share", s] for s in (5, 10)]
   assert all(0 < share < 1 for share in shares), shares
-  for share, fill in zip(shares, fills):  # the line's non-padding share, rounded to a percent
+  for share, fill in zip(shares, fills, strict=True):  # the line's non-padding share, rounded to a percent
     assert share == pytest.approx(1 - fill, abs=0.0051)
   assert ("steps_per_s", 5) in scalars and ("tokens_per_s", 10) in scalars

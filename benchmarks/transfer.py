@@ -233,7 +233,8 @@ def costs(bench: Transfer, names: list[str]) -> list[str]:
   for name in names:
     run = bench.runs.get(name, {})
     if run.get("seconds_per_step"):
-      out.append(f"- {name}: {run['seconds_per_step']:.1f} s a step (16 x (384+64) tokens, packed), "
+      out.append(f"- {name}: {run['seconds_per_step']:.1f} s a step (the recipe's batch of "
+                 f"{INPUTS_LENGTH}+{TARGETS_LENGTH} tokens, packed), "
                  f"peak resident memory {run['peak_rss_gib']:.1f} GiB")
   return ["", "Cost of each training run on this machine:", *out] if out else []
 

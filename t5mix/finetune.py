@@ -64,10 +64,6 @@ def apply_to_model_config(f: config_lib.FinetuneConfig, model_config):
 # Parameter paths.
 
 
-def param_paths(params) -> list[str]:
-  return [param_path(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-
-
 def matches(path: str, patterns) -> bool:
   """fnmatch on the dotted path; a pattern also matches everything under it (`decoder` = `decoder.*`)."""
   return any(fnmatch.fnmatchcase(path, p) or fnmatch.fnmatchcase(path, p + ".*") for p in patterns)

@@ -506,7 +506,7 @@ class TrainSteps:
     state, metrics = self.compiled[stage](state, batches(), self.base_key)
     if compiling:
       progress.untimed(float(metrics["real_tokens"]), time.time() - began)  # waits for the step
-    progress.pending.append(metrics)
+    progress.add(metrics)
     return state
 
 
@@ -534,6 +534,10 @@ class Progress:
 
   def examples(self) -> dict[str, int]:
     return {n: int(self.task_examples[i + 1]) for i, n in enumerate(self.names)}
+
+  def add(self, metrics) -> None:
+    """A step's metrics, still on the device: fetched together at the next flush."""
+    self.pending.append(metrics)
 
   def untimed(self, tokens: float, seconds: float) -> None:
     self._untimed["tokens"] += tokens

@@ -1,21 +1,32 @@
-"""Fine-tuning strategies on the demo data: trainable parameters and measured results.
+"""Fine-tuning strategies from a real pretrained T5, side by side (the T5 paper's Table 10 on this
+machine's budget), and feature-based transfer: a linear probe on frozen encoder features.
 
-    python benchmarks/finetune_strategies.py                      # CPU-sized default run
-    python benchmarks/finetune_strategies.py --pretrain-steps 1000 --finetune-steps 1000
+    python benchmarks/finetune_strategies.py [--from W] [--workdir /tmp/t5mix-strategies]
+        [--steps 60] [--strategies full,gradual_unfreezing,adapters_32,...]
+        [--parts sweep,timing,probe]
+        [--max-examples N] [--results benchmarks/RESULTS.md] [--json FILE]
 
-1. Pre-trains configs/pretrain_span_corruption.yaml (the `mini` model, span corruption on
-   demo_text) for --pretrain-steps.
-2. Fine-tunes it with each configs/finetune_<strategy>.yaml for --finetune-steps on
-   demo_supervised (demo_sentiment, demo_qa, demo_ner, temperature-mixed), from the same
-   pre-trained parameters, with the recipe's hyperparameters.
-3. Reports per strategy: trainable parameters (for `mini` and for t5-small, configs/model/small.yaml),
-   the final training loss per task (mean over the last --log-every steps, with dropout),
-   the validation loss per task (teacher-forced, no dropout, the whole validation split), the
-   eval metrics of t5mix/evaluate.py when it exists (greedy decoding, --eval-examples per task)
-   and the training time. "pretrained only" is the starting point, not fine-tuned.
+W is a `t5mix import-hf ../shared/models/flan-t5-small-kd --out W` workdir; without --from that
+import is made in WORKDIR/pretrained. Every step is an ordinary t5mix command, printed before it
+runs:
 
-Writes WORKDIR/results.json and the table under "## Fine-tuning strategies" in
-benchmarks/RESULTS.md (that section only; other sections are kept). Everything runs offline.
+  data   SST-2 carved as benchmarks/transfer.py does (no held-out row shares text with training)
+         and CoNLL-2003 (train.txt; held out: valid.txt), mixed at equal rates; RTE (its last 250
+         pairs held out) for the probe only. WORKDIR/tasks.yaml.
+  sweep  each strategy fine-tunes W at each rate of its sweep (STRATEGIES), with the same steps,
+         batch and lengths (configs/finetune_pretrained.yaml's Adafactor at a constant rate, batch
+         8 x (128+48) packed). The rate kept is the one with the lowest training loss over the last
+         LAST_LOGS progress lines: a run this short sees every example once, so the loss of a batch
+         before its update is a held-out loss (and the held-out splits stay unseen until the end).
+  eval   `t5mix eval` of each strategy's kept run on the WHOLE held-out splits.
+  timing each strategy's seconds per step in short runs of their own, alternated (TIMING_*): run
+         it on an idle machine.
+  probe  `t5mix probe` (logistic regression on mean-pooled encoder features) on SST-2 and RTE for
+         three encoders: W's, a random one of the same shape (--random-init), and the encoder
+         that full fine-tuning produced in the sweep.
+
+The table has each strategy's trainable parameters, step time and peak resident memory. Finished
+runs in --workdir are reused, so an interrupted benchmark goes on.
 """
 
 from __future__ import annotations
@@ -25,288 +36,303 @@ import json
 import os
 import re
 import shutil
+import statistics
 import sys
-import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+import yaml
 
-# name → (recipe in configs/, extra overrides)
-VARIANTS = {
-    "full": ("finetune_full", []),
-    "gradual_unfreezing": ("finetune_gradual_unfreezing", []),
-    "adapters": ("finetune_adapters", []),
-    "lora": ("finetune_lora", []),
-    "lora_all": ("finetune_lora", ["finetune.lora_targets=[all]"]),
+import quality  # sibling benchmarks (benchmarks/ is on the path when run as a script)
+import transfer
+
+ROOT = quality.ROOT
+MIXTURE = "strategies_mix"
+TASKS = ["strategies_sst2", "strategies_conll"]
+COLUMNS = [("strategies_sst2", "accuracy", "SST-2 acc"), ("strategies_conll", "f1", "CoNLL F1")]
+INPUTS_LENGTH, TARGETS_LENGTH, BATCH = 128, 48, 8  # 0% of inputs and 0.6% of CoNLL targets cut
+LAST_LOGS = 3  # progress lines (of LOG_EVERY steps) whose mean loss chooses the rate
+LOG_EVERY = 5
+# Step times come from short runs of their own, strategies alternated, on an otherwise idle
+# machine (the sweep's own rates are not: its runs are long and may share the CPU).
+TIMING_STEPS, TIMING_LOG_EVERY, TIMING_ROUNDS = 16, 4, 2
+# Gradual unfreezing is not timed: its step cost changes with its stage (from about adapters' to
+# full's), and 16 steps would be mostly its 8 compilations.
+TIMED = ["full", "adapters_32", "adapters_128", "adapters_512", "lora"]
+PROBE_TRAIN_EXAMPLES = 10_000  # SST-2 training rows the probe fits on (RTE: all 2,240)
+# name → (--set overrides, the learning rates of its sweep, or the strategy whose chosen rate it
+# takes). On this machine's budget not every strategy gets a sweep of its own: gradual unfreezing
+# trains the same parameters as full fine-tuning and takes full's rate; the wider adapters take
+# the rate of adapters_32's sweep.
+STRATEGIES = {
+    "full": ([], (1e-3, 3e-3)),
+    "gradual_unfreezing": (["finetune.strategy=gradual_unfreezing"], "full"),
+    "adapters_32": (["finetune.strategy=adapters", "finetune.adapter_size=32"], (3e-3, 1e-2)),
+    "adapters_128": (["finetune.strategy=adapters", "finetune.adapter_size=128"], "adapters_32"),
+    "adapters_512": (["finetune.strategy=adapters", "finetune.adapter_size=512"], "adapters_32"),
+    "lora": (["finetune.strategy=lora"], (1e-2, 3e-2)),  # r=8 on query and value
 }
-TASKS = ("demo_sentiment", "demo_qa", "demo_ner")
-SECTION = "## Fine-tuning strategies"
+# The T5 paper's Table 10 (T5-Base, GLUE average), for the comparison in RESULTS.md.
+PAPER_GLUE = {"full": 83.28, "gradual_unfreezing": 82.50, "adapters_32": 80.52, "adapters_512": 81.54}
 
 
-def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--workdir", default=os.path.join(ROOT, "workdirs", "bench_finetune"))
-  p.add_argument("--pretrain-steps", type=int, default=300)
-  p.add_argument("--finetune-steps", type=int, default=300)
-  p.add_argument("--strategies", default=",".join(VARIANTS), help=f"of {', '.join(VARIANTS)}")
-  p.add_argument("--log-every", type=int, default=25)
-  p.add_argument("--eval-examples", type=int, default=100,
-                 help="examples per task for t5mix.evaluate (0: skip decoding eval)")
-  p.add_argument("--results", default=os.path.join(ROOT, "benchmarks", "RESULTS.md"))
-  p.add_argument("--no-write", action="store_true", help="do not touch RESULTS.md")
-  p.add_argument("--keep", action="store_true", help="reuse finished runs in --workdir instead of retraining")
-  return p.parse_args(argv)
+def write_tasks(workdir: str) -> str:
+  data_dir = os.path.join(workdir, "data")
+  os.makedirs(data_dir, exist_ok=True)
+  transfer.carve_sst2(data_dir)
+  shared = os.path.join(transfer.SHARED, "data")
+  conll, rte = os.path.join(shared, "conll2003"), os.path.join(shared, "rte", "train.tsv")
+  doc = {"tasks": [
+      {"name": "strategies_sst2", "kind": "classification", "format": "tsv",
+       "splits": {"train": os.path.join(data_dir, "sst2_train.tsv"),
+                  "validation": os.path.join(data_dir, "sst2_heldout.tsv")},
+       "template": "sst2 sentence: {text}", "label_words": ["negative", "positive"],
+       "metrics": ["accuracy"]},
+      {"name": "strategies_conll", "kind": "ner", "format": "conll", "scheme": "iob2",
+       "splits": {"train": os.path.join(conll, "train.txt"),
+                  "validation": os.path.join(conll, "valid.txt")}},
+      {"name": "strategies_rte", "kind": "classification", "format": "tsv",
+       "splits": {"train": {"path": rte, "select": ":-250"},
+                  "validation": {"path": rte, "select": "-250:"}},
+       "template": "rte sentence1: {sentence1} sentence2: {sentence2}",
+       "label_words": ["entailment", "not_entailment"], "metrics": ["accuracy"]},
+  ], "mixtures": [{"name": MIXTURE, "rate": "equal", "tasks": TASKS}]}
+  path = os.path.join(workdir, "tasks.yaml")
+  with open(path, "w") as f:
+    yaml.safe_dump(doc, f, sort_keys=False)
+  return path
 
 
-# ---------------------------------------------------------------------------------------------
-# Trainable parameters (abstract models: nothing is allocated).
+def rate_name(rate: float) -> str:
+  return f"{rate:.0e}".replace("e-0", "e-")
 
 
-def trainable_counts(recipe: str, model: str, overrides=()) -> dict:
-  import jax
-  from flax import nnx
+class Strategies(quality.Bench):
+  """quality.Bench's bookkeeping (runs.json, reuse of finished runs) for this benchmark's runs."""
 
-  from t5mix import config as config_lib
-  from t5mix import finetune, train
-  from t5mix.model import T5
-  c = config_lib.load(recipe, [f"model={model}", *overrides])
-  model_config = train.build_model(c)
-  params = nnx.state(nnx.eval_shape(lambda: T5(model_config, rngs=nnx.Rngs(0))), nnx.Param)
-  plan = finetune.make_plan(c, params)
-  total = sum(x.size for x in jax.tree.leaves(params))
-  out = {"total": int(total), "trainable": plan.trainable_count()}
-  if plan.strategy == "gradual_unfreezing":
-    out["stage_1"] = plan.trainable_count(1)
-    out["stages"] = plan.num_stages
-  return out
+  def __init__(self, args):
+    args.scale = 1.0
+    super().__init__(args)
+    self.base = os.path.abspath(args.base) if args.base else os.path.join(self.workdir, "pretrained")
+    self.max_examples = args.max_examples
+    self.tasks_yaml = None
 
+  def prepare(self):
+    if not os.path.isdir(os.path.join(self.base, "checkpoints")):
+      if not os.path.isdir(transfer.PRETRAINED_HF):
+        sys.exit(f"{transfer.PRETRAINED_HF}: not found (the shared pretrained T5); pass --from W")
+      quality.run(["t5mix", "import-hf", transfer.PRETRAINED_HF, "--out", self.base],
+                  os.path.join(self.workdir, "logs", "import.log"))
+    self.tasks_yaml = write_tasks(self.workdir)
 
-def describe_recipe(c) -> str:
-  f = c.finetune
-  lr = f"lr {c.optimizer.learning_rate:g} {c.optimizer.schedule}"
-  if f.strategy == "adapters":
-    where = "FFN + attention" if f.adapter_after_attention else "after each FFN"
-    return f"d={f.adapter_size} {where}; {lr}"
-  if f.strategy == "lora":
-    return f"r={f.lora_rank}, alpha={f.lora_alpha:g} on {'+'.join(f.lora_targets)}; {lr}"
-  if f.strategy == "gradual_unfreezing":
-    return f"1 block/stage top-down; {lr}"
-  return lr
+  def train(self, name: str, steps: int, overrides: list[str]) -> dict:
+    """A `t5mix train` run from the base model in WORKDIR/name (reused when it finished)."""
+    run = self.runs.get(name, {})
+    if run.get("steps") == steps and os.path.isdir(os.path.join(self.workdir, name, "checkpoints", str(steps))):
+      return run
+    workdir = os.path.join(self.workdir, name)
+    if os.path.isdir(workdir):  # an unfinished run: start again (its times would not add up)
+      shutil.rmtree(workdir)
+    seconds, peak_gib, log = self.run_train(workdir, steps, LOG_EVERY, overrides, f"{name}.log")
+    losses = [float(x) for x in re.findall(r"^step\s+\d+/\d+\s+loss ([0-9.]+)", log, re.M)]
+    counted = re.search(r"([\d,]+) of ([\d,]+) parameters", log)  # gradual: stage 1's
+    total = re.search(r"\(([\d.]+)M parameters\)", log)
+    self.runs[name] = dict(
+        steps=steps, train_seconds=round(seconds, 1), peak_rss_gib=round(peak_gib, 2),
+        final_loss=round(statistics.mean(losses[-LAST_LOGS:]), 4),
+        trainable=int(counted.group(1).replace(",", "")) if counted else None,
+        total=int(counted.group(2).replace(",", "")) if counted else round(float(total.group(1)) * 1e6))
+    self.save()
+    return self.runs[name]
 
+  def run_train(self, workdir: str, steps: int, log_every: int, overrides, log_name: str):
+    """`t5mix train` from the base model with this benchmark's data and shapes: (seconds, peak
+    resident GiB, the log's text)."""
+    cmd = ["t5mix", "train", "--config", "configs/finetune_pretrained.yaml", "--workdir", workdir,
+           "--init-from", self.base, "--tasks-dir", self.tasks_yaml]
+    for o in [f"data.mixture={MIXTURE}", f"steps={steps}", f"checkpoint_every={steps}",
+              "keep_checkpoints=1", f"log_every={log_every}", f"data.batch_size={BATCH}",
+              f"data.inputs_length={INPUTS_LENGTH}", f"data.targets_length={TARGETS_LENGTH}",
+              *overrides]:
+      cmd += ["--set", o]
+    log_path = os.path.join(self.workdir, "logs", log_name)
+    seconds, peak_gib = quality.run_measured(cmd, log_path)
+    with open(log_path) as f:
+      return seconds, peak_gib, f.read()
 
-# ---------------------------------------------------------------------------------------------
-# Training and measuring.
+  def time_steps(self, strategy: str, round_: int) -> list[float]:
+    """Seconds per step of `strategy` in one short run of its own: one value per progress line
+    after the first (compiling steps are not in the logged rates)."""
+    key = f"timing:{strategy}:{round_}"
+    if key not in self.runs:
+      workdir = os.path.join(self.workdir, "timing", f"{strategy}_{round_}")
+      shutil.rmtree(workdir, ignore_errors=True)
+      _, _, log = self.run_train(workdir, TIMING_STEPS, TIMING_LOG_EVERY, STRATEGIES[strategy][0],
+                                 f"timing.{strategy}.{round_}.log")
+      shutil.rmtree(workdir)
+      rates = [float(r) for r in re.findall(r"([0-9.]+) steps/s", log)]
+      self.runs[key] = [round(1 / r, 3) for r in rates[1:]]
+      self.save()
+    return self.runs[key]
 
+  def evaluate(self, name: str) -> dict:
+    entry = self.runs[name]
+    if "metrics" in entry:
+      return entry
+    cmd = ["t5mix", "eval", "--workdir", os.path.join(self.workdir, name), "--checkpoints", "latest",
+           "--tasks", ",".join(TASKS), "--tasks-dir", self.tasks_yaml]
+    if self.max_examples:
+      cmd += ["--max-examples", str(self.max_examples)]
+    seconds = quality.run(cmd, os.path.join(self.workdir, "logs", f"{name}.eval.log"))
+    with open(os.path.join(self.workdir, name, "eval", "results.json")) as f:
+      results = json.load(f)
+    (scores,) = results["steps"].values()
+    entry.update(eval_seconds=round(seconds, 1), metrics=scores["metrics"],
+                 average=scores["average"], baselines=results.get("baselines", {}))
+    self.save()
+    return entry
 
-PROGRESS = re.compile(r"^step\s+(\d+)/\d+\s+loss ([\d.]+).*?\|\s(.*?)(?:\s+\|\sstage.*)?$")
-
-
-def run_train(config_path, workdir, overrides, init_from=None, keep=False):
-  from t5mix import config as config_lib
-  from t5mix import train
-  done = os.path.join(workdir, "bench_train.json")
-  key = {"recipe": open(config_path).read(), "overrides": list(overrides), "init_from": init_from}
-  if keep and os.path.exists(done):
-    previous = json.load(open(done))
-    if previous.get("key") == key:  # the same run: reuse it
-      return previous
-  shutil.rmtree(workdir, ignore_errors=True)
-  c = config_lib.load(config_path, overrides)
-  lines = []
-
-  def log(line):
-    lines.append(line)
-    print(f"  {line}", flush=True)
-
-  start = time.time()
-  train.train(c, workdir, init_from=init_from, log=log)
-  seconds = time.time() - start
-  last = [m for m in (PROGRESS.match(line) for line in lines) if m][-1]
-  task_loss = {k: float(v) for k, v in (kv.split("=") for kv in last.group(3).split())}
-  result = {"train_loss": float(last.group(2)), "train_task_loss": task_loss, "seconds": seconds,
-            "steps": c.steps, "key": key}
-  json.dump(result, open(done, "w"))
-  return result
-
-
-def validation_loss(workdir: str, lengths: dict) -> dict:
-  """Teacher-forced per-task loss over the whole validation split of demo_supervised (no dropout)."""
-  import jax
-  import numpy as np
-  from flax import nnx
-
-  from t5mix import checkpoints, input_pipeline, train
-  _, model = checkpoints.load_workdir_params(workdir)
-  graphdef, params = nnx.split(model, nnx.Param)
-  names = [t.name for t in input_pipeline.leaf_tasks("demo_supervised")]
-
-  @jax.jit
-  def sums(params, batch):
-    logits = nnx.merge(graphdef, params)(batch)
-    losses = train.token_losses(logits, batch["decoder_target_tokens"])  # no z-loss: plain cross entropy
-    return train.batch_metrics(batch, losses, len(names))
-
-  ds = input_pipeline.get_dataset("demo_supervised", "validation", lengths, seed=0, shuffle=False,
-                                  pack=True, num_epochs=1).batch(32)
-  loss, tokens = np.zeros(len(names) + 1), np.zeros(len(names) + 1)
-  for batch in ds.as_numpy_iterator():
-    m = jax.device_get(sums(params, batch))
-    loss += m["task_loss_sum"]
-    tokens += m["task_tokens"]
-  per_task = {n: float(loss[i + 1] / tokens[i + 1]) for i, n in enumerate(names)}
-  per_task["all"] = float(loss[1:].sum() / tokens[1:].sum())
-  return per_task
-
-
-def eval_metrics(workdir: str, examples: int) -> dict | None:
-  """Per-task mean of the task's metrics (t5mix.evaluate), or None if it is not there."""
-  if not examples:
-    return None
-  try:
-    from t5mix import evaluate
-  except ImportError:
-    return None
-  if not hasattr(evaluate, "run_eval"):
-    return None
-  results = evaluate.run_eval(workdir, evaluate.EvalOptions(max_examples=examples, batch_size=50),
-                              log=lambda line: print(f"  {line}", flush=True))
-  step = list(results["steps"])[-1]
-  entry = results["steps"][step]
-  return {"task_means": entry["task_means"], "metrics": entry["metrics"], "average": entry["average"]}
+  def probe(self, encoder: str, workdir: str, task: str, extra=()) -> dict:
+    key = f"probe:{encoder}:{task}"
+    if key in self.runs:
+      return self.runs[key]
+    out = os.path.join(self.workdir, "probes", f"{encoder}.{task}.json")
+    cmd = ["t5mix", "probe", "--workdir", workdir, "--task", task, "--tasks-dir", self.tasks_yaml,
+           "--inputs-length", str(INPUTS_LENGTH * 2), "--out", out, *extra]
+    if task == "strategies_sst2":
+      cmd += ["--max-train-examples", str(PROBE_TRAIN_EXAMPLES)]
+    if self.max_examples:
+      cmd += ["--max-examples", str(self.max_examples)]
+    if not os.path.exists(out):  # else a probe run before (its file is written last)
+      os.makedirs(os.path.dirname(out), exist_ok=True)
+      quality.run(cmd, os.path.join(self.workdir, "logs", f"probe.{encoder}.{task}.log"))
+    with open(out) as f:
+      self.runs[key] = json.load(f)
+    self.save()
+    return self.runs[key]
 
 
 # ---------------------------------------------------------------------------------------------
 # The report.
 
 
-def table(results: dict, args) -> str:
-  rows = results["rows"]
-  has_eval = any(r.get("eval") for r in rows)
-  head = ["strategy", "settings", "trainable (t5-small)", "trainable (mini)",
-          "train loss sent/qa/ner", "val loss sent/qa/ner (all)"]
-  if has_eval:
-    head += ["eval sent/qa/ner (avg)"]
-  head += ["time"]
-  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+def count(n: int, total: int) -> str:
+  return f"{n / 1e6:.2f}M ({100 * n / total:.1f}%)" if n >= 1e5 else f"{n / 1e3:.0f}K ({100 * n / total:.2f}%)"
 
-  def pct(n, total):
-    return f"{n / 1e6:.2f}M ({100 * n / total:.1f}%)" if n >= 1e5 else f"{n / 1e3:.1f}K ({100 * n / total:.2f}%)"
 
-  for r in rows:
-    small, mini = r.get("params_small"), r.get("params_mini")
-    if small is None:
-      counts_small = counts_mini = "—"
-    elif "stage_1" in small:
-      counts_small = f"{pct(small['stage_1'], small['total'])} → {pct(small['trainable'], small['total'])}"
-      counts_mini = f"{pct(mini['stage_1'], mini['total'])} → {pct(mini['trainable'], mini['total'])}"
+def step_time(bench: Strategies, strategy: str) -> str:
+  """Median seconds per step over the timing runs' progress lines, with their min-max."""
+  times = [t for r in range(1, TIMING_ROUNDS + 1) for t in bench.runs.get(f"timing:{strategy}:{r}", [])]
+  if not times:
+    return "—"
+  return f"{statistics.median(times):.2f} ({min(times):.2f}–{max(times):.2f})"
+
+
+def strategy_table(bench: Strategies, chosen: dict[str, str], sweeps: dict[str, dict]) -> list[str]:
+  head = ["strategy", "trainable", "rate (sweep: loss)", *[t for _, _, t in COLUMNS], "average",
+          "s/step (min–max)", "peak RSS", "paper: GLUE avg"]
+  lines = ["| " + " | ".join(head) + " |", "|---|---:|---|" + "---:|" * (len(head) - 3)]
+  for strategy, name in chosen.items():
+    run = bench.runs[name]
+    if strategy == "gradual_unfreezing":
+      trainable = f"{count(run['trainable'], run['total'])} → all"
     else:
-      counts_small, counts_mini = pct(small["trainable"], small["total"]), pct(mini["trainable"], mini["total"])
-    train_loss = ("/".join(f"{r['train_task_loss'][t]:.3f}" for t in TASKS) if r.get("train_task_loss") else "—")
-    val = r["val_loss"]
-    cells = [r["name"], r["settings"], counts_small, counts_mini, train_loss,
-             "/".join(f"{val[t]:.3f}" for t in TASKS) + f" ({val['all']:.3f})"]
-    if has_eval:
-      e = r.get("eval")
-      cells.append("/".join(f"{e['task_means'][t]:.1f}" for t in TASKS) + f" ({e['average']:.1f})" if e else "—")
-    cells.append(f"{r['seconds'] / 60:.1f} min" if r.get("seconds") else "—")
-    lines.append("| " + " | ".join(cells) + " |")
-  return "\n".join(lines)
+      trainable = count(run["trainable"] or run["total"], run["total"])
+    sweep = ", ".join(f"{'**' if n == name else ''}{rate_name(r)}: {bench.runs[n]['final_loss']:.3f}"
+                      f"{'**' if n == name else ''}" for r, n in sweeps[strategy].items())
+    cells = [f"{run['metrics'][task][metric]:.1f}" for task, metric, _ in COLUMNS]
+    lines.append(f"| {strategy.replace('_', ' ')} | {trainable} | {sweep} | {' | '.join(cells)} | "
+                 f"{statistics.mean(float(c) for c in cells):.1f} | {step_time(bench, strategy)} | "
+                 f"{run['peak_rss_gib']:.1f} GiB | {PAPER_GLUE.get(strategy, '—')} |")
+  return lines
 
 
-def section_text(results: dict, args) -> str:
-  cmd = "python benchmarks/finetune_strategies.py"
-  if args.pretrain_steps != 300 or args.finetune_steps != 300:
-    cmd += f" --pretrain-steps {args.pretrain_steps} --finetune-steps {args.finetune_steps}"
-  eval_note = (f"eval = mean of each task's metrics (t5mix/evaluate.py: sentiment accuracy/F1, QA "
-               f"EM/F1, NER span F1) on the first {args.eval_examples} validation examples, greedy "
-               f"decoding; " if any(r.get("eval") for r in results["rows"]) else "")
-  return f"""{SECTION}
-
-`{cmd}` ({results['device']}, {results['date']}): the `mini` model pre-trained with
-`configs/pretrain_span_corruption.yaml` for {args.pretrain_steps} steps on `demo_text`, then each
-`configs/finetune_<strategy>.yaml` for {args.finetune_steps} steps on `demo_supervised` from the same
-parameters. Trainable parameters are also given for t5-small (`configs/model/small.yaml`, 76.96M);
-for gradual unfreezing, stage 1 → the last stage. Train loss = the last {args.log_every} steps' mean
-(with dropout); val loss = teacher-forced cross entropy on the whole validation split (no dropout);
-{eval_note}time = wall-clock of the fine-tuning run on a shared 2-core CPU. Learning rates are the
-recipes': the best of a short sweep of this same run (full: 1e-3, 3e-3, 1e-2 → 3e-3, also used for
-gradual unfreezing; adapters: 3e-3, 1e-2 → 1e-2; LoRA: 3e-3, 1e-2, 3e-2 → 1e-2, 3e-2 being only
-marginally better for query+value).
-
-{table(results, args)}
-"""
+def probe_table(bench: Strategies, encoders: list[tuple[str, str]], tasks: list[tuple[str, str]]) -> list[str]:
+  lines = ["| encoder | " + " | ".join(f"{title} probe" for _, title in tasks) + " |",
+           "|---|" + "---:|" * len(tasks)]
+  for encoder, title in encoders:
+    cells = [f"{bench.runs[f'probe:{encoder}:{task}']['accuracy']:.1f}" for task, _ in tasks]
+    lines.append(f"| {title} | " + " | ".join(cells) + " |")
+  majority = [f"{title} {bench.runs[f'probe:{encoders[0][0]}:{task}']['majority']:.1f}"
+              for task, title in tasks]
+  lines += ["", "Majority class (the training split's most frequent label, on the held-out split): "
+            + ", ".join(majority) + "."]
+  return lines
 
 
-def write_section(path: str, text: str) -> None:
-  """Replaces (or appends) our section of RESULTS.md; other sections stay as they are."""
-  old = open(path).read() if os.path.exists(path) else "# Benchmark results\n"
-  start = old.find(SECTION)
-  if start < 0:
-    new = old.rstrip("\n") + "\n\n" + text
-  else:
-    nxt = old.find("\n## ", start + len(SECTION))
-    new = old[:start] + text + (old[nxt:] if nxt >= 0 else "")
-  with open(path, "w") as f:
-    f.write(new)
-
-
-def main(argv=None):
-  args = parse_args(argv)
-  from t5mix import cli
-  cli._import_quietly()
-  from absl import logging as absl_logging
-  absl_logging.set_verbosity(absl_logging.ERROR)
-  import jax
-
-  from t5mix import config as config_lib
-  from t5mix import definitions
-  definitions.load()
-  strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
-  common = [f"log_every={args.log_every}"]
-  os.makedirs(args.workdir, exist_ok=True)
-  pretrain = os.path.join(args.workdir, "pretrain")
-  recipe = lambda name: os.path.join(ROOT, "configs", f"{name}.yaml")  # noqa: E731
-  lengths = {"inputs": 128, "targets": 32}
-
-  print(f"pre-training {args.pretrain_steps} steps -> {pretrain}", flush=True)
-  pre = run_train(recipe("pretrain_span_corruption"), pretrain,
-                  common + [f"steps={args.pretrain_steps}", f"checkpoint_every={args.pretrain_steps}"],
-                  keep=args.keep)
-  rows = [{"name": "pretrained only", "settings": "no fine-tuning", "val_loss": validation_loss(pretrain, lengths),
-           "eval": None}]
-  for strategy in strategies:
-    if strategy not in VARIANTS:
-      raise SystemExit(f"unknown strategy {strategy!r} (known: {', '.join(VARIANTS)})")
-    name, extra = VARIANTS[strategy]
-    path = recipe(name)
-    workdir = os.path.join(args.workdir, strategy)
-    print(f"fine-tuning: {strategy} ({args.finetune_steps} steps) -> {workdir}", flush=True)
-    result = run_train(path, workdir, common + extra + [f"steps={args.finetune_steps}",
-                                                        f"checkpoint_every={args.finetune_steps}"],
-                       init_from=pretrain, keep=args.keep)
-    c = config_lib.load(path, extra)
-    row = {"name": strategy.replace("_", " "), "settings": describe_recipe(c), **result,
-           "params_small": trainable_counts(path, "small", extra),
-           "params_mini": trainable_counts(path, "mini", extra),
-           "val_loss": validation_loss(workdir, lengths)}
-    row["eval"] = eval_metrics(workdir, args.eval_examples)
-    rows.append(row)
-    print(f"  -> validation loss {row['val_loss']}, eval {row['eval'] and row['eval']['task_means']}", flush=True)
-  results = {"device": f"{jax.devices()[0].platform} ({os.cpu_count()} cores)",
-             "date": time.strftime("%Y-%m-%d"), "pretrain": pre, "rows": rows,
-             "args": vars(args)}
-  with open(os.path.join(args.workdir, "results.json"), "w") as f:
-    json.dump(results, f, indent=2)
-  text = section_text(results, args)
-  print()
-  print(text)
-  if not args.no_write:
-    write_section(args.results, text)
-    print(f"wrote {args.results} ({SECTION!r} section) and {os.path.join(args.workdir, 'results.json')}")
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--from", dest="base", metavar="W",
+                      help="an imported pretrained workdir (default: import the shared one)")
+  parser.add_argument("--workdir", default="/tmp/t5mix-strategies")
+  parser.add_argument("--steps", type=int, default=60, help="fine-tuning steps of every run")
+  parser.add_argument("--strategies", default=",".join(STRATEGIES), help=f"of {', '.join(STRATEGIES)}")
+  parser.add_argument("--parts", default="sweep,timing,probe", help="subset of sweep,timing,probe")
+  parser.add_argument("--max-examples", type=int, help="score at most N examples per task "
+                                                       "(a smoke run; the tables are for whole splits)")
+  parser.add_argument("--results", help="write the tables into this markdown file (RESULTS.md)")
+  parser.add_argument("--json", help="write every run's numbers here")
+  args = parser.parse_args()
+  parts = set(args.parts.split(","))
+  strategies = [s for s in args.strategies.split(",") if s]
+  unknown = [s for s in strategies if s not in STRATEGIES]
+  if unknown:
+    sys.exit(f"--strategies: unknown {', '.join(unknown)} (known: {', '.join(STRATEGIES)})")
+  bench = Strategies(args)
+  bench.prepare()
+  lines, chosen, sweeps = [], {}, {}
+  if "sweep" in parts or "probe" in parts:  # the probe's fine-tuned encoder is full's run
+    for strategy in strategies if "sweep" in parts else ["full"]:
+      overrides, rates = STRATEGIES[strategy]
+      if isinstance(rates, str):  # the rate another strategy's sweep chose
+        if rates not in chosen:
+          sys.exit(f"--strategies: {strategy} takes {rates}'s rate; list {rates} before it")
+        rates = [r for r, n in sweeps[rates].items() if n == chosen[rates]]
+      sweeps[strategy] = {}
+      for rate in rates:
+        name = f"{strategy}_{rate_name(rate)}"
+        bench.train(name, args.steps, [*overrides, f"optimizer.learning_rate={rate}"])
+        sweeps[strategy][rate] = name
+      chosen[strategy] = min(sweeps[strategy].values(), key=lambda n: bench.runs[n]["final_loss"])
+      bench.evaluate(chosen[strategy])
+  if "timing" in parts:  # strategies alternated, round after round
+    for round_ in range(1, TIMING_ROUNDS + 1):
+      for strategy in [s for s in strategies if s in TIMED]:
+        bench.time_steps(strategy, round_)
+  if "sweep" in parts:
+    minutes = sum(bench.runs[n]["train_seconds"] for s in sweeps.values() for n in s.values()) / 60
+    minutes += sum(bench.runs[n]["eval_seconds"] for n in chosen.values()) / 60
+    baselines = bench.runs[chosen[strategies[0]]]["baselines"]
+    majority = baselines.get("strategies_sst2", {}).get("majority_class", {}).get("metrics", {})
+    lines += strategy_table(bench, chosen, sweeps) + [
+        "", f"{args.steps} steps of batch {BATCH} x ({INPUTS_LENGTH}+{TARGETS_LENGTH}) tokens, packed, "
+        f"SST-2 and CoNLL-2003 at equal rates; in bold the rate kept (lowest loss over the last "
+        f"{LAST_LOGS * LOG_EVERY} steps). SST-2 majority class: {majority.get('accuracy', float('nan')):.1f}. "
+        f"Step times: {TIMING_ROUNDS} runs of {TIMING_STEPS} steps per strategy, alternated, "
+        f"median of their {TIMING_LOG_EVERY}-step periods (compiling steps excluded). Peak RSS: "
+        f"of the sweep's kept run. {minutes:.0f} min of training and evaluation on "
+        f"{os.cpu_count()} CPU cores."]
+  if "probe" in parts:
+    full = os.path.join(bench.workdir, chosen["full"])
+    encoders = [("pretrained", "pretrained (imported)", bench.base, ()),
+                ("random", "random, same shape", bench.base, ("--random-init",)),
+                ("full", f"fine-tuned in full ({args.steps} steps, SST-2 + CoNLL)", full, ())]
+    probe_tasks = [("strategies_sst2", "SST-2"), ("strategies_rte", "RTE")]
+    for encoder, _, workdir, extra in encoders:
+      for task, _ in probe_tasks:
+        bench.probe(encoder, workdir, task, extra)
+    lines += ["", "Feature-based transfer: logistic regression (scikit-learn) on mean-pooled encoder "
+              f"outputs; SST-2 fits on its first {PROBE_TRAIN_EXAMPLES:,} training rows, RTE on all "
+              "2,240 training pairs; accuracy on the same held-out splits:", "",
+              *probe_table(bench, [(e, t) for e, t, *_ in encoders], probe_tasks)]
+  print("\n".join(lines))
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(bench.runs, f, indent=2)
+  if args.results:
+    command = "python benchmarks/finetune_strategies.py"
+    command += f" --parts {args.parts}" if args.parts != "sweep,timing,probe" else ""
+    command += f" --steps {args.steps}" if args.steps != 60 else ""
+    quality.write_results(args.results, command, lines, marker="strategies")
 
 
 if __name__ == "__main__":
-  from t5mix import host_memory
-  host_memory.reexec_with_hugepages()  # measure the process the `t5mix` command runs in
   main()

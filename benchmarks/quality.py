@@ -12,7 +12,8 @@ files; wikitext.py: the cleaned WikiText-2 text task):
   b      span-corruption pretraining, then the supervised mixture from it pretrain.yaml, --init-from
          (pretraining + fine-tuning steps = part a's steps: the same budget)
   c      RTE alone (2,240 training pairs) from scratch, and from part b's multitask model
-  d      mixing ablation on part a's budget: equal and examples-proportional (T=2 is part a)
+  d      mixing ablation on part a's budget: equal and examples-proportional (T=2 is part a),
+         reported by `t5mix compare` (WORKDIR/mixing.md, mixing.png): scores and the rates
 
 Each trained model is scored with `t5mix eval --checkpoints latest` on the held-out splits carved
 in tasks.yaml. Step counts are fixed (not wall-clock), so the same command gives the same numbers;
@@ -121,6 +122,16 @@ class Bench:
     self.save()
     return self.runs[name]
 
+  def compare(self, names: list[str], stem: str) -> list[str]:
+    """`t5mix compare` of the runs: writes WORKDIR/STEM.md and STEM.png; returns the report's
+    tables (markdown, without its title and chart link, which is relative to the workdir)."""
+    out = os.path.join(self.workdir, f"{stem}.md")
+    run(["t5mix", "compare", *(os.path.join(self.workdir, n) for n in names), "--out", out,
+         "--plot", os.path.join(self.workdir, f"{stem}.png")],
+        os.path.join(self.workdir, "logs", f"{stem}.log"))
+    with open(out) as f:
+      return [line for line in f.read().splitlines()[2:] if not line.startswith("![")]
+
 
 COLUMNS = [("real_sst2", "accuracy", "SST-2 acc"), ("real_rte", "accuracy", "RTE acc"),
            ("real_squad", "f1", "SQuAD F1"), ("real_squad", "em", "SQuAD EM"),
@@ -189,16 +200,20 @@ def main():
     bench.train("c_rte_from_b", "rte.yaml", rte, init_from="b_pretrain_finetune")
     bench.evaluate("c_rte_from_b", ["real_rte"])
     rows.append(("(c) RTE alone, from (b)", "c_rte_from_b"))
+  mixing = []
   if "d" in parts:
+    names = ["a_scratch_t2"]
     for rate in ("equal", "proportional"):
       name = f"d_scratch_{rate}"
       bench.train(name, "supervised.yaml", sup, overrides=(f"data.mixture=real_supervised_{rate}",))
       bench.evaluate(name, SUPERVISED)
-      rows.append((f"(d) from scratch, {rate}", name))
+      names.append(name)
+    mixing = ["", "(d) Mixing ablation on (a)'s budget, by `t5mix compare` (task scores: the mean "
+              "of each task's metrics):", "", *bench.compare(names, "mixing")]
   # Recorded times, so that a rerun that reuses finished runs reports the same total.
   minutes = sum(r.get("train_seconds", 0) + r.get("eval_seconds", 0) for r in bench.runs.values()) / 60
   command = "python benchmarks/quality.py" + (f" --scale {args.scale:g}" if args.scale != 1 else "")
-  lines = table(bench, rows)
+  lines = table(bench, rows) + mixing
   lines += ["", f"Total {minutes:.0f} min of training and evaluation on {os.cpu_count()} CPU cores."]
   print("\n".join(lines))
   if args.json:

@@ -5,9 +5,14 @@ or writes checkpoints.
       config.yaml               the run's config (config.save; absent in an imported workdir)
       model.yaml                the model's shape (model.save_model_config)
       spiece.model              the run's vocabulary (vocab.WORKDIR_VOCAB_FILE)
+      run.json                  what `config.yaml` cannot say: --init-from, the mixture's rates
       checkpoints/N/state       orbax: {"step", "params"[, "opt_state"]}
-      checkpoints/N/data        the tf.data iterator's position, per process, and examples.json
+      checkpoints/N/data        the tf.data iterator's position, per process, examples.json and
+                                totals.json (tokens seen per task, training seconds)
+      checkpoints/N/metrics     orbax: the scores keep_best ranks checkpoints by
       unreadable_checkpoints/N  damaged checkpoints, moved aside unchanged (see `resume`)
+      tensorboard/, wandb/      the logs (t5mix/tracking.py); wandb_run_id names the wandb run
+      eval/results.json         `t5mix eval`'s scores (t5mix/evaluate.py), which `compare` reads
 
 Read top to bottom: the layout → the one CheckpointManager → listing and choosing steps →
 restoring parameters (for eval, --init-from, export) → resuming a run (config checks, damaged
@@ -31,7 +36,7 @@ import tensorflow as tf
 from flax import nnx
 
 from t5mix import config as config_lib
-from t5mix import distributed, partitioning, peft
+from t5mix import distributed, metrics, partitioning, peft
 from t5mix.errors import UserError, first_line
 from t5mix.model import T5, T5Config, key_names, load_model_config, param_path
 
@@ -39,7 +44,12 @@ CONFIG_FILE = "config.yaml"
 MODEL_FILE = "model.yaml"
 CHECKPOINTS_DIR = "checkpoints"
 UNREADABLE_DIR = "unreadable_checkpoints"  # in the workdir, beside checkpoints/
+RUN_FILE = "run.json"
+TENSORBOARD_DIR = "tensorboard"
+WANDB_RUN_ID_FILE = "wandb_run_id"
+EVAL_RESULTS_FILE = os.path.join("eval", "results.json")
 EXAMPLES_FILE = "examples.json"  # in a checkpoint's data/ item
+TOTALS_FILE = "totals.json"      # in a checkpoint's data/ item
 ITEMS = ("state", "data")
 
 
@@ -93,6 +103,31 @@ def workdir_of(path: str | None) -> str | None:
   return None
 
 
+def _read_json(path: str) -> dict | None:
+  try:
+    with open(path) as f:
+      value = json.load(f)
+  except (OSError, ValueError):
+    return None
+  return value if isinstance(value, dict) else None
+
+
+def write_run_info(workdir: str, info: dict) -> None:
+  """run.json: the run's --init-from and its mixture's rate table (train.write_run_files)."""
+  with open(os.path.join(workdir, RUN_FILE), "w") as f:
+    json.dump(info, f, indent=2)
+
+
+def read_run_info(workdir: str) -> dict:
+  """run.json's content; {} for a workdir without it (an import, or a run from before it)."""
+  return _read_json(os.path.join(workdir, RUN_FILE)) or {}
+
+
+def read_eval_results(workdir: str) -> dict | None:
+  """eval/results.json of the last `t5mix eval`, or None when the run was never evaluated."""
+  return _read_json(os.path.join(workdir, EVAL_RESULTS_FILE))
+
+
 # ---------------------------------------------------------------------------------------------
 # The one CheckpointManager, and a small orbax handler for the tf.data iterator.
 
@@ -107,9 +142,11 @@ class DataIteratorHandler(ocp.CheckpointHandler):
     prefix = os.path.join(str(directory), f"process_{jax.process_index()}")
     tf.train.Checkpoint(iterator=args.iterator).write(prefix)
     partitioning.write_data_layout(prefix, args.layout)  # which data shard this process read
-    if args.examples is not None and jax.process_index() == 0:  # global counts: one file
-      with open(os.path.join(str(directory), EXAMPLES_FILE), "w") as f:
-        json.dump(args.examples, f)
+    if jax.process_index() == 0:  # global counts: one file each
+      for name, value in ((EXAMPLES_FILE, args.examples), (TOTALS_FILE, args.totals)):
+        if value is not None:
+          with open(os.path.join(str(directory), name), "w") as f:
+            json.dump(value, f)
 
   def restore(self, directory, args: "DataIteratorRestore"):
     tf.train.Checkpoint(iterator=args.iterator).read(
@@ -123,6 +160,7 @@ class DataIteratorSave(ocp.args.CheckpointArgs):
   iterator: Any
   layout: dict | None = None
   examples: dict | None = None  # {task: examples trained on so far}, for the run's report
+  totals: dict | None = None    # {"tokens": {task: tokens seen}, "seconds": training time so far}
 
 
 @ocp.args.register_with_handler(DataIteratorHandler, for_restore=True)
@@ -131,14 +169,47 @@ class DataIteratorRestore(ocp.args.CheckpointArgs):
   iterator: Any
 
 
-def manager(workdir: str, keep: int | None = None, *, cleanup: bool = False) -> ocp.CheckpointManager:
-  """The workdir's checkpoints; `cleanup` removes partial writes (`<step>.orbax-checkpoint-tmp`)
-  that a killed run left behind: orbax never reads them, and they can be as large as a checkpoint."""
-  return ocp.CheckpointManager(
-      checkpoints_dir(workdir),
-      options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                           cleanup_tmp_directories=cleanup),
-      item_names=ITEMS)
+def manager(workdir: str, keep: int | None = None, *,
+            keep_best: config_lib.KeepBestConfig | None = None,
+            cleanup: bool = False) -> ocp.CheckpointManager:
+  """The workdir's checkpoints: the latest `keep` (None: all) and, with `keep_best.metric`, the
+  keep_best.n best by the scores saved with them (`save`'s; orbax writes them into the step's
+  directory and reads them back when a run resumes, so the choice survives it). `cleanup` removes
+  partial writes (`<step>.orbax-checkpoint-tmp`) that a killed run left behind: orbax never reads
+  them, and they can be as large as a checkpoint."""
+  options = dict(create=True, cleanup_tmp_directories=cleanup)
+  if keep_best is not None and keep_best.metric:
+    # best_fn makes orbax save and load the scores; the policy keeps the latest and the best
+    options.update(best_fn=score_of(keep_best), best_mode=keep_best.mode,
+                   preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(
+                       [ocp.checkpoint_managers.LatestN(keep), best_policy(keep_best)]))
+  else:
+    options.update(max_to_keep=keep)
+  return ocp.CheckpointManager(checkpoints_dir(workdir),
+                               options=ocp.CheckpointManagerOptions(**options), item_names=ITEMS)
+
+
+def score_of(keep_best: config_lib.KeepBestConfig) -> Callable[[dict], float]:
+  """A checkpoint's score by keep_best.metric, from its saved scores (`scores`); one saved
+  without that score (the metric was changed) ranks last."""
+  worst = -np.inf if keep_best.mode == "max" else np.inf
+  return lambda saved: float(saved.get(keep_best.metric, worst))
+
+
+def best_policy(keep_best: config_lib.KeepBestConfig) -> ocp.checkpoint_managers.BestN:
+  return ocp.checkpoint_managers.BestN(
+      get_metric_fn=score_of(keep_best), reverse=keep_best.mode == "min", n=keep_best.n,
+      keep_checkpoints_without_metrics=False)  # those are LatestN's to keep or drop
+
+
+def scores(results: dict[str, dict[str, float]]) -> dict[str, float]:
+  """What a checkpoint is saved with, from evaluation during training ({task: {metric: value}}):
+  the names keep_best.metric takes, `average` and TASK/METRIC (and TASK/mean)."""
+  flat = {"average": metrics.glue_average(results)}
+  for task, values in results.items():
+    flat.update({f"{task}/{name}": float(v) for name, v in values.items()})
+    flat[f"{task}/mean"] = metrics.task_mean(values)
+  return flat
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,7 +233,8 @@ def partial_writes(workdir: str) -> list[str]:
 
 
 def choose_steps(workdir: str, which: str | None) -> list[int]:
-  """`all`, `latest` (the default) or a comma-separated list of steps."""
+  """`all`, `latest` (the default), `best` (those keep_best keeps) or a comma-separated list of
+  steps."""
   available = steps(workdir)
   if not available:
     raise UserError(f"{workdir}: no checkpoints (nothing under {workdir}/checkpoints); train first")
@@ -171,16 +243,45 @@ def choose_steps(workdir: str, which: str | None) -> list[int]:
     return available
   if which == "latest":
     return available[-1:]
+  if which == "best":
+    return best_steps(workdir)
   chosen = []
   for item in which.split(","):
     item = item.strip()
     if not item.isdigit():
-      raise UserError(f"--checkpoints {which!r}: expected all, latest or steps such as 100,200")
+      raise UserError(f"--checkpoints {which!r}: expected all, latest, best or steps such as 100,200")
     if int(item) not in available:
       raise UserError(f"{workdir}: no checkpoint at step {item}; there are "
                       f"{', '.join(map(str, available))}")
     chosen.append(int(item))
   return sorted(set(chosen))
+
+
+@dataclasses.dataclass
+class _Scored:
+  """A checkpoint as orbax's preservation policies see it (PolicyCheckpointInfo)."""
+  step: int
+  metrics: dict | None
+  time: Any = None
+
+
+def best_steps(workdir: str) -> list[int]:
+  """The checkpoints that the run's keep_best (in its config.yaml) keeps for their saved scores,
+  chosen as training chose them: by the same orbax policy."""
+  config_path = os.path.join(workdir, CONFIG_FILE)
+  keep_best = config_lib.load(config_path).keep_best if os.path.exists(config_path) else None
+  if keep_best is None or not keep_best.metric:
+    raise UserError(f"--checkpoints best: {workdir} was trained without keep_best (its config sets "
+                    "no keep_best.metric); choose all, latest or steps such as 100,200")
+  with contextlib.closing(manager(workdir, keep_best=keep_best)) as m:
+    scored = [_Scored(step, m.metrics(step)) for step in m.all_steps()]
+  scored = [s for s in scored if s.metrics is not None]
+  if not scored:
+    raise UserError(f"--checkpoints best: no checkpoint in {checkpoints_dir(workdir)} was saved "
+                    f"with a score (keep_best.metric {keep_best.metric!r}); choose all or latest")
+  kept = best_policy(keep_best).should_preserve(
+      scored, context=ocp.checkpoint_managers.PreservationContext())
+  return [s.step for s, keep in zip(scored, kept) if keep]
 
 
 def finished_step(workdir: str, total_steps: int) -> int | None:
@@ -204,6 +305,12 @@ def read_examples(step_dir: str) -> dict[str, int]:
       return {str(k): int(v) for k, v in json.load(f).items()}
   except (OSError, ValueError, AttributeError):
     return {}
+
+
+def read_totals(step_dir: str) -> dict:
+  """The tokens seen per task and training seconds saved with a checkpoint (DataIteratorSave's
+  totals; {} for checkpoints without them)."""
+  return _read_json(os.path.join(step_dir, "data", TOTALS_FILE)) or {}
 
 
 def interrupted_message(workdir: str, signal_name: str) -> str:
@@ -463,13 +570,14 @@ def _move_aside(workdir: str, bad_steps: list[int]) -> dict[int, str]:
 
 @dataclasses.dataclass
 class Resumed:
-  """Where a run goes on from: its state, data iterator and per-task example counts (step None
-  and the fresh state when there is no checkpoint)."""
+  """Where a run goes on from: its state, data iterator, per-task example counts and totals
+  (read_totals; step None and the fresh state when there is no checkpoint)."""
   state: Any
   step: int | None
   data_iter: Any
   examples: dict[str, int]
   same_data: bool  # the data position was restored (else the stream restarted with another seed)
+  totals: dict = dataclasses.field(default_factory=dict)
 
 
 def resume(m: ocp.CheckpointManager, workdir: str, state, data_iterator: Callable[[int], Any],
@@ -502,7 +610,8 @@ def resume(m: ocp.CheckpointManager, workdir: str, state, data_iterator: Callabl
     except _Unreadable as e:
       unreadable[step] = str(e)
       continue
-    found = Resumed(restored["state"], step, data_iter, read_examples(step_dir), same_data)
+    found = Resumed(restored["state"], step, data_iter, read_examples(step_dir), same_data,
+                    read_totals(step_dir))
     break
   if unreadable and found is None:
     raise UserError(
@@ -523,11 +632,13 @@ def resume(m: ocp.CheckpointManager, workdir: str, state, data_iterator: Callabl
 
 
 def save(m: ocp.CheckpointManager, step: int, state, data_iter, data_layout: dict,
-         examples: dict[str, int]) -> None:
+         examples: dict[str, int], totals: dict, step_scores: dict[str, float] | None = None) -> None:
+  """step_scores: `scores` of this step's evaluation, for keep_best (None: not evaluated)."""
   with checkpoint_errors(m.directory, step):
     m.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=DataIteratorSave(data_iter, data_layout, examples)),
-           force=True)
+        state=ocp.args.StandardSave(state),
+        data=DataIteratorSave(data_iter, data_layout, examples, totals)),
+           metrics=step_scores, force=True)
 
 
 def wait_until_saved(m: ocp.CheckpointManager, step: int) -> None:

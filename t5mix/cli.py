@@ -138,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
   v.add_argument("--model-type", default="unigram", choices=["unigram", "bpe"])
   _common(v)
   eval_cli.add_parsers(sub, _common)  # eval, predict, embed
+  eval_cli.add_probe_parser(sub, _common)
   return parser
 
 

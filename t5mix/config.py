@@ -85,6 +85,29 @@ class MeshConfig:
 
 
 @dataclasses.dataclass
+class KeepBestConfig:
+  """Checkpoints kept for their score in evaluation during training, besides the latest
+  keep_checkpoints (orbax's BestN preservation policy; `t5mix eval --checkpoints best`)."""
+  metric: str | None = None        # "average" (the GLUE-style average of the task means) or
+                                   # TASK/METRIC, e.g. demo_qa/f1 or demo_qa/mean; None = off
+  mode: str = "max"                # max | min: which end of the score is best
+  n: int = 1                       # how many of the best checkpoints to keep
+
+
+@dataclasses.dataclass
+class WandbConfig:
+  """Weights & Biases (the optional extra: pip install -e ".[wandb]"); t5mix/tracking.py."""
+  project: str | None = None       # None = off
+  entity: str | None = None        # the team or user; None = wandb's default
+  mode: str = "online"             # online | offline (files under WORKDIR/wandb only) | disabled
+
+
+@dataclasses.dataclass
+class LoggingConfig:
+  wandb: WandbConfig = dataclasses.field(default_factory=WandbConfig)
+
+
+@dataclasses.dataclass
 class TrainConfig:
   model: str | None = None         # configs/model/<name>.yaml or a path; default: the
                                    # --init-from workdir's model.yaml, else "mini"
@@ -94,14 +117,17 @@ class TrainConfig:
   z_loss: float = 1e-4
   label_smoothing: float = 0.0
   checkpoint_every: int = 100
-  keep_checkpoints: int = 3
+  keep_checkpoints: int = 3        # the latest N checkpoints (and keep_best's)
+  keep_best: KeepBestConfig = dataclasses.field(default_factory=KeepBestConfig)
   log_every: int = 25
   eval_every: int = 0              # evaluate the validation split every N steps; 0 = off
   eval_examples: int = 200         # at most this many examples per task when evaluating
+  eval_samples: int = 3            # examples per task (input, target, prediction) logged as text
   optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
   data: DataConfig = dataclasses.field(default_factory=DataConfig)
   finetune: FinetuneConfig = dataclasses.field(default_factory=FinetuneConfig)
   mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+  logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
 
 
 def _check_type(value, annotation, key):
@@ -217,6 +243,12 @@ def validate(c: TrainConfig) -> None:
   positive("eval_examples", c.eval_examples)
   if c.eval_every < 0:
     raise UserError(f"config key 'eval_every' must be >= 0 (0 = off), got {c.eval_every}")
+  if c.eval_samples < 0:
+    raise UserError(f"config key 'eval_samples' must be >= 0 (0 = none), got {c.eval_samples}")
+  _validate_keep_best(c)
+  if c.logging.wandb.mode not in WANDB_MODES:
+    raise UserError(f"config key 'logging.wandb.mode': {c.logging.wandb.mode!r} is not one of "
+                    f"{', '.join(WANDB_MODES)}")
   positive("optimizer.learning_rate", c.optimizer.learning_rate)
   positive("optimizer.grad_accum_steps", c.optimizer.grad_accum_steps)
   if c.optimizer.name not in ("adafactor", "adamw"):
@@ -227,6 +259,29 @@ def validate(c: TrainConfig) -> None:
   if c.optimizer.warmup_steps < 0:
     raise UserError("config key 'optimizer.warmup_steps' must be >= 0")
   _validate_finetune(c)
+
+
+WANDB_MODES = ("online", "offline", "disabled")
+
+
+def _validate_keep_best(c: TrainConfig) -> None:
+  best = c.keep_best
+  if best.mode not in ("max", "min"):
+    raise UserError(f"config key 'keep_best.mode': {best.mode!r} is not max or min")
+  if best.n <= 0:
+    raise UserError(f"config key 'keep_best.n' must be positive, got {best.n}")
+  if best.metric is None:
+    return
+  task, _, metric = best.metric.partition("/")
+  if best.metric != "average" and not (task and metric and "/" not in metric):
+    raise UserError(f"config key 'keep_best.metric': {best.metric!r} is not 'average' or "
+                    "TASK/METRIC (e.g. demo_qa/f1, or demo_qa/mean for the task's mean)")
+  if not c.eval_every:
+    raise UserError("config key 'keep_best.metric': keeping the best checkpoints needs their "
+                    "scores from evaluation during training: set eval_every (e.g. to checkpoint_every)")
+  if c.checkpoint_every % c.eval_every:
+    raise UserError(f"config key 'keep_best.metric': checkpoint_every ({c.checkpoint_every}) must "
+                    f"be a multiple of eval_every ({c.eval_every}), so that every checkpoint is scored")
 
 
 def _validate_finetune(c: TrainConfig) -> None:
@@ -294,22 +349,26 @@ def resolve(c: TrainConfig, saved_path: str | None = None) -> TrainConfig:
   return dataclasses.replace(c, optimizer=dataclasses.replace(c.optimizer, parameter_scale=scale))
 
 
+def flat_settings(d: dict | None, prefix: str = "") -> dict[str, Any]:
+  """A config mapping as {dotted key: value}, e.g. optimizer.learning_rate (model_overrides as
+  one value; data.hashes left out: files, not settings)."""
+  out = {}
+  for k, v in (d or {}).items():
+    if k == "hashes":  # train notes edited files by name
+      continue
+    if isinstance(v, dict) and v and k != "model_overrides":
+      out.update(flat_settings(v, f"{prefix}{k}."))
+    else:
+      out[prefix + str(k)] = v
+  return out
+
+
 def changes_since(path: str, c: TrainConfig) -> list[str]:
   """`key: saved -> now` for each key where `c` differs from the config saved at `path` (a
   workdir's config.yaml); [] when there is none or it cannot be read."""
-  def flat(d, prefix=""):
-    out = {}
-    for k, v in (d or {}).items():
-      if k == "hashes":  # files, not settings: train notes edited files by name
-        continue
-      if isinstance(v, dict) and v and k != "model_overrides":
-        out.update(flat(v, f"{prefix}{k}."))
-      else:
-        out[prefix + str(k)] = v
-    return out
-  saved = flat(read_saved(path))
+  saved = flat_settings(read_saved(path))
   if not saved:
     return []
-  now = flat(to_dict(c))
+  now = flat_settings(to_dict(c))
   return [f"{k}: {saved.get(k, '(unset)')} -> {now.get(k, '(unset)')}"
           for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]

@@ -16,6 +16,7 @@ from flax import nnx
 
 EOS_ID = 1
 BEAM_NEG_INF = -1.0e7  # as in t5x: finite, so scores can still be compared and divided
+LENGTH_PENALTY = 0.6  # beam search's alpha, t5x's default
 
 
 def greedy(model, inputs, *, max_decode_len: int, eos_id: int = EOS_ID) -> jax.Array:
@@ -36,8 +37,8 @@ def sample(model, inputs, rng, *, max_decode_len: int, temperature: float = 1.0,
                  top_k=top_k, eos_id=eos_id)
 
 
-def beam_search(model, inputs, *, max_decode_len: int, beam_size: int = 4, alpha: float = 0.6,
-                eos_id: int = EOS_ID, return_scores: bool = False):
+def beam_search(model, inputs, *, max_decode_len: int, beam_size: int = 4,
+                alpha: float = LENGTH_PENALTY, eos_id: int = EOS_ID, return_scores: bool = False):
   """The best of `beam_size` beams by log-prob / ((5 + length) / 6)**alpha (t5x / GNMT length penalty).
 
   With return_scores, returns (tokens, scores [B]).

@@ -11,6 +11,9 @@ from __future__ import annotations
 import argparse
 import os
 
+BEAM_SIZE_HELP = ("1 = greedy, >1 = beam search, for every task (default: each task's own "
+                  "beam_size, greedy where its definition names none)")
+
 
 def add_parsers(sub, common) -> None:
   p = sub.add_parser(
@@ -23,18 +26,19 @@ def add_parsers(sub, common) -> None:
                   "for every example; write eval/results.json and eval/metrics.png into the "
                   "workdir. A checkpoint that cannot be restored is skipped.")
   p.add_argument("--workdir", required=True, help="the run's workdir")
-  p.add_argument("--checkpoints", default="all", metavar="all|latest|N,M",
-                 help="which checkpoints (default: all)")
+  p.add_argument("--checkpoints", default="all", metavar="all|latest|best|N,M",
+                 help="which checkpoints (default: all; best: those keep_best kept)")
   p.add_argument("--split", default="validation", help="split to score (default: validation)")
   p.add_argument("--tasks", metavar="T1,T2", help="tasks or mixtures to score (default: the run's "
                                                     "mixture)")
-  p.add_argument("--beam-size", type=int, default=1, help="1 = greedy (default); >1 = beam search")
+  p.add_argument("--beam-size", type=int, metavar="K", help=BEAM_SIZE_HELP)
   p.add_argument("--max-examples", type=int, metavar="N", help="at most N examples per task")
   p.add_argument("--batch-size", type=int, default=64, help="decoding batch size (default: 64)")
   p.add_argument("--inputs-length", type=int, metavar="N",
                  help="truncate inputs to N tokens (default: the run's data.inputs_length)")
   p.add_argument("--targets-length", type=int, metavar="N",
-                 help="decode at most N tokens (default: the run's data.targets_length)")
+                 help="decode at most N tokens for tasks that set no max_decode_length "
+                      "(default: the run's data.targets_length)")
   p.set_defaults(workdir_config=True)
   common(p)
 
@@ -53,7 +57,7 @@ def add_parsers(sub, common) -> None:
   p.add_argument("--input", metavar="FILE.jsonl", help="JSON lines of the task's fields")
   p.add_argument("--output", metavar="FILE.jsonl", help="write predictions as JSON lines")
   p.add_argument("--checkpoint", metavar="STEP", help="checkpoint step (default: latest)")
-  p.add_argument("--beam-size", type=int, default=1, help="1 = greedy (default); >1 = beam search")
+  p.add_argument("--beam-size", type=int, metavar="K", help=BEAM_SIZE_HELP)
   p.add_argument("--batch-size", type=int, default=64, help="decoding batch size (default: 64)")
   p.set_defaults(workdir_config=True)
   common(p)
@@ -70,6 +74,46 @@ def add_parsers(sub, common) -> None:
   p.add_argument("--checkpoint", metavar="STEP", help="checkpoint step (default: latest)")
   p.add_argument("--max-examples", type=int, metavar="N")
   p.add_argument("--batch-size", type=int, default=64)
+  p.set_defaults(workdir_config=True)
+  common(p)
+
+  p = sub.add_parser(
+      "compare", help="runs side by side: scores, steps, tokens, minutes, differing settings",
+      description="For each run: each task's mean metric and the GLUE-style average at its best "
+                  "checkpoint (by average) and its latest evaluated one, from its last `t5mix "
+                  "eval` (eval/results.json; a run without it is listed as not evaluated), and "
+                  "the steps, tokens seen and training minutes of its newest checkpoint. Then the "
+                  "settings in which the runs differ (config keys, --init-from, the mixture's "
+                  "rate, temperature and per-task rates).")
+  p.add_argument("workdirs", nargs="+", metavar="WORKDIR", help="the runs' workdirs")
+  p.add_argument("--out", metavar="REPORT.md", help="also write the comparison as markdown")
+  p.add_argument("--plot", metavar="FIG.png",
+                 help="a grouped bar chart of each run's best-checkpoint scores per task")
+
+
+def add_probe_parser(sub, common) -> None:
+  p = sub.add_parser(
+      "probe", help="linear probe on frozen encoder features (feature-based transfer)",
+      description="Mean-pool the encoder outputs of a classification task's examples (as `t5mix "
+                  "embed` does), fit a logistic regression (scikit-learn, standardised features) "
+                  "on the training split and print its accuracy on the held-out split beside the "
+                  "majority class. --random-init probes a randomly initialised encoder of the "
+                  "run's shape instead: the floor the trained encoder should clear.")
+  p.add_argument("--workdir", required=True, help="the run's workdir (or a `t5mix import-hf` one)")
+  p.add_argument("--task", required=True, help="a classification task")
+  p.add_argument("--train-split", default="train", help="split to fit on (default: train)")
+  p.add_argument("--split", default="validation", help="split to score (default: validation)")
+  p.add_argument("--checkpoint", metavar="STEP", help="checkpoint step (default: latest)")
+  p.add_argument("--random-init", action="store_true",
+                 help="a random encoder of the run's shape instead of a checkpoint")
+  p.add_argument("--max-train-examples", type=int, metavar="N", help="fit on the first N examples")
+  p.add_argument("--max-examples", type=int, metavar="N", help="score the first N examples")
+  p.add_argument("--inputs-length", type=int, metavar="N",
+                 help="truncate inputs to N tokens (default: the run's data.inputs_length)")
+  p.add_argument("--C", type=float, default=1.0, dest="regularization",
+                 help="inverse L2 strength of the logistic regression (default: 1.0)")
+  p.add_argument("--batch-size", type=int, default=64)
+  p.add_argument("--out", metavar="FILE.json", help="also write the numbers as JSON")
   p.set_defaults(workdir_config=True)
   common(p)
 
@@ -124,4 +168,25 @@ def cmd_embed(args) -> int:
   return 0
 
 
-COMMANDS = {"eval": cmd_eval, "predict": cmd_predict, "embed": cmd_embed}
+def cmd_compare(args) -> int:
+  from t5mix import compare
+  compare.compare(args.workdirs, out=args.out, plot_path=args.plot)
+  return 0
+
+
+def cmd_probe(args) -> int:
+  from t5mix import probe
+  result = probe.run_probe(
+      args.workdir, args.task, train_split=args.train_split, split=args.split,
+      checkpoint=args.checkpoint, random_init=args.random_init,
+      max_train_examples=args.max_train_examples, max_examples=args.max_examples,
+      inputs_length=args.inputs_length, regularization=args.regularization,
+      batch_size=args.batch_size)
+  print(probe.describe(result))
+  if args.out:
+    probe.write_json(result, args.out)
+    print(f"wrote {args.out}")
+  return 0
+
+
+COMMANDS = {"probe": cmd_probe, "eval": cmd_eval, "predict": cmd_predict, "embed": cmd_embed, "compare": cmd_compare}

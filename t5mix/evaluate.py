@@ -8,8 +8,10 @@ Scoring is seqio's: `seqio.Evaluator` builds each task's validation examples onc
 feature-converted, cached in memory) and postprocesses the gold targets once, on the first
 checkpoint; every later checkpoint only decodes. Its `predict_fn` is ours: the jitted KV-cache
 decoding of t5mix/decode.py (greedy, or beam search), fed fixed-shape batches so that it compiles
-once. Decoded text goes through the task's postprocessor (label word → label, NER string →
-entities; an unreadable prediction scores as wrong) and its metric functions (t5mix/metrics.py).
+once; each task decodes with its definition's settings (beam size, length penalty, maximum
+length) unless --beam-size overrides them. Decoded text goes through the task's postprocessor
+(label word → label, NER string → entities, generated text → itself; an unreadable prediction
+scores as wrong) and its metric functions (t5mix/metrics.py).
 
 A task's score is the mean of its metrics, and the run's score is the mean of the task scores
 (`metrics.glue_average`, T5's GLUE average); `t5mix eval` reports it for the best checkpoint of
@@ -26,12 +28,11 @@ import json
 import os
 import time
 from collections import Counter
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import numpy as np
 import seqio
-import tensorflow as tf
 from flax import nnx
 
 from t5mix import checkpoints, decode, eval_report, input_pipeline, metrics, registry
@@ -67,23 +68,32 @@ class Decoder:
   similar inputs tends to stop decoding together. Padding is masked, so the cut changes nothing
   but the cost; jit compiles once per width used.
 
-  beam_size 1 is greedy decoding; more is beam search (t5x's length penalty, alpha 0.6).
+  beam_size 1 is greedy decoding; more is beam search (t5x's length penalty: `alpha`).
   """
 
   WIDTHS = (32, 64, 128, 256)
 
   def __init__(self, graphdef, *, max_decode_len: int, beam_size: int = 1,
-               batch_size: int = DEFAULT_BATCH_SIZE):
+               alpha: float = decode.LENGTH_PENALTY, batch_size: int = DEFAULT_BATCH_SIZE):
     if beam_size < 1:
       raise UserError(f"--beam-size must be at least 1, got {beam_size}")
     if batch_size < 1:
       raise UserError(f"--batch-size must be at least 1, got {batch_size}")
     self.graphdef, self.max_decode_len = graphdef, max_decode_len
-    self.beam_size, self.batch_size = beam_size, batch_size
+    self.beam_size, self.alpha, self.batch_size = beam_size, alpha, batch_size
 
   @property
   def description(self) -> str:
-    return "greedy" if self.beam_size == 1 else f"beam search ({self.beam_size} beams)"
+    if self.beam_size == 1:
+      return "greedy"
+    penalty = f", length penalty {self.alpha:g}" if self.alpha != decode.LENGTH_PENALTY else ""
+    return f"beam search ({self.beam_size} beams){penalty}"
+
+  @property
+  def settings(self) -> dict[str, Any]:
+    """What results.json records of it."""
+    return {"beam_size": self.beam_size, "length_penalty": self.alpha,
+            "max_decode_len": self.max_decode_len}
 
   def __call__(self, params, inputs: np.ndarray) -> np.ndarray:
     model = nnx.merge(self.graphdef, params)
@@ -101,9 +111,18 @@ class Decoder:
         tokens = decode.greedy(model, chunk, max_decode_len=self.max_decode_len)
       else:
         tokens = decode.beam_search(model, chunk, max_decode_len=self.max_decode_len,
-                                    beam_size=self.beam_size)
+                                    beam_size=self.beam_size, alpha=self.alpha)
       outputs[rows] = np.asarray(jax.device_get(tokens))[:n]
     return outputs
+
+
+def width_batches(lengths: np.ndarray, batch_size: int, full: int):
+  """(row indices, width) batches over rows of these token lengths: shortest first, each batch
+  cut to the narrowest of Decoder.WIDTHS (then `full`) that holds its longest row."""
+  order = np.argsort(lengths, kind="stable")
+  for start in range(0, len(order), batch_size):
+    rows = order[start:start + batch_size]
+    yield rows, min(next((w for w in Decoder.WIDTHS if w >= lengths[rows].max()), full), full)
 
 
 def pad_rows(chunk: np.ndarray, size: int) -> np.ndarray:
@@ -122,6 +141,21 @@ def tokenize_inputs(texts: Sequence[str], vocab: seqio.Vocabulary, length: int) 
     ids = list(vocab.encode(text))[:length - 1] + [decode.EOS_ID]
     out[i, :len(ids)] = ids
   return out
+
+
+def task_decoder(task: seqio.Task, graphdef, *, max_decode_len: int,
+                 beam_size: int | None = None, batch_size: int = DEFAULT_BATCH_SIZE) -> Decoder:
+  """The decoder of a task's own settings (its definition's beam_size, length_penalty and
+  max_decode_length; else greedy, alpha 0.6, up to `max_decode_len` tokens); `beam_size`, when
+  given (--beam-size), overrides the task's."""
+  spec = getattr(task, "t5mix_spec", None)  # None: a plain seqio task, which has no settings
+  own = {key: getattr(spec, key, None)
+         for key in ("beam_size", "length_penalty", "max_decode_length")}
+  if beam_size is None:
+    beam_size = own["beam_size"] or 1
+  alpha = decode.LENGTH_PENALTY if own["length_penalty"] is None else own["length_penalty"]
+  return Decoder(graphdef, max_decode_len=own["max_decode_length"] or max_decode_len,
+                 beam_size=beam_size, alpha=alpha, batch_size=batch_size)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,15 +200,18 @@ def label_words(task: seqio.Task) -> dict[Any, str] | None:
 
 
 class _Predictions(seqio.Logger):
-  """Keeps the postprocessed predictions of the last evaluation (seqio hands them to loggers)."""
+  """Keeps the postprocessed predictions of the last evaluation and their decoded text, in the
+  order of the task's examples (seqio hands them to loggers)."""
 
   def __init__(self, output_dir):
     super().__init__(output_dir)
     self.predictions: list = []
+    self.outputs: list = []
 
   def __call__(self, task_name, step, metrics, dataset, inferences, targets):
     del task_name, step, metrics, dataset, targets
     self.predictions = list((inferences or {}).get("prediction", []))
+    self.outputs = list((inferences or {}).get("output", []))
 
 
 class Evaluator:
@@ -182,16 +219,22 @@ class Evaluator:
 
   One seqio.Evaluator per task holds the task's cached examples, model features and
   postprocessed targets; our predict_fn additionally keeps each task's stacked input tokens.
+  `decoders` is one Decoder for every task, or {task name: Decoder} (`task_decoder`).
   After each call, `single_label` names the classification tasks whose predictions were all one
-  label, with that label's word.
+  label, with that label's word, and `signatures` holds each task's metric signatures
+  (sacrebleu's, {metric: text}).
   """
 
-  def __init__(self, tasks: Sequence[seqio.Task], decoder: Decoder, *, split: str = "validation",
-               lengths: dict[str, int], max_examples: int | None = None):
+  def __init__(self, tasks: Sequence[seqio.Task], decoders: Decoder | Mapping[str, Decoder], *,
+               split: str = "validation", lengths: dict[str, int],
+               max_examples: int | None = None):
     if max_examples is not None and max_examples < 1:
       raise UserError(f"--max-examples must be at least 1, got {max_examples}")
-    self.decoder, self.split = decoder, split
+    self.decoders = {task.name: decoders if isinstance(decoders, Decoder) else decoders[task.name]
+                     for task in tasks}
+    self.split = split
     self.single_label: dict[str, str] = {}
+    self.signatures: dict[str, dict[str, str]] = {}
     self._tasks = {task.name: task for task in tasks}
     self._inputs: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     self._evaluators: dict[str, seqio.Evaluator] = {}
@@ -232,13 +275,13 @@ class Evaluator:
           rows.append(features["encoder_input_tokens"])
         self._inputs[name] = (np.asarray(indices), np.stack(rows).astype(np.int32))
       indices, inputs = self._inputs[name]
-      tokens = self.decoder(params, inputs)
+      tokens = self.decoders[name](params, inputs)
       return [(int(i), row) for i, row in zip(indices, tokens)]
     return predict_fn
 
   def evaluate(self, params, step: int | None = None) -> dict[str, dict[str, float]]:
     """{task: {metric: value}} (T5 scale: ×100)."""
-    results, self.single_label = {}, {}
+    results, self.single_label, self.signatures = {}, {}, {}
     for name, evaluator in self._evaluators.items():
       try:
         future, _ = evaluator.evaluate(compute_metrics=True, step=step,
@@ -246,12 +289,30 @@ class Evaluator:
         scores = future.result()[name]
       except ValueError as e:  # a gold target the postprocessor cannot read: a bug in the task
         raise UserError(f"task {name!r}: cannot score ({first_line(e.__cause__ or e)})") from None
-      results[name] = {k: float(getattr(v, "value", v)) for k, v in scores.items()}
+      texts = {k: v for k, v in scores.items() if isinstance(v, seqio.metrics.Text)}
+      results[name] = {k: float(getattr(v, "value", v)) for k, v in scores.items()
+                       if k not in texts}
+      if texts:
+        self.signatures[name] = {k.removesuffix(metrics.SIGNATURE_SUFFIX): v.textdata
+                                 for k, v in texts.items()}
       words = label_words(self._tasks[name])
       predicted = set(evaluator.loggers[0].predictions) if words else set()
       if len(predicted) == 1 and next(iter(predicted)) in words:
         self.single_label[name] = words[predicted.pop()]
     return results
+
+  def samples(self, n: int) -> dict[str, list[dict[str, str]]]:
+    """{task: the first n evaluated examples of the last evaluation, each {input, target,
+    prediction} as text (the prediction decoded, before postprocessing)}."""
+    def text(value) -> str:
+      return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
+    samples = {}
+    for name, evaluator in self._evaluators.items():
+      examples = evaluator.cached_task_datasets[name].take(n).as_numpy_iterator()
+      samples[name] = [{"input": text(ex["inputs_pretokenized"]),
+                        "target": text(ex["targets_pretokenized"]), "prediction": text(output)}
+                       for ex, output in zip(examples, evaluator.loggers[0].outputs)]
+    return samples
 
   def baselines(self) -> dict[str, dict[str, dict]]:
     """{task: metrics.constant_baselines} of the classification tasks, on the evaluated examples:
@@ -288,7 +349,7 @@ class EvalOptions:
   checkpoints: str | None = None        # all | latest | N,M
   split: str = "validation"
   tasks: list[str] | None = None        # default: the run's mixture
-  beam_size: int = 1
+  beam_size: int | None = None         # default: each task's own (greedy unless it names one)
   max_examples: int | None = None
   batch_size: int = DEFAULT_BATCH_SIZE
   inputs_length: int | None = None      # default: the run's data.inputs_length
@@ -315,12 +376,23 @@ def run_eval(workdir: str, options: EvalOptions, *, log: Callable[[str], None] =
   if options.targets_length:
     lengths["targets"] = options.targets_length
   graphdef, abstract = checkpoints.abstract_model(run.model_config)
-  decoder = Decoder(graphdef, max_decode_len=lengths["targets"], beam_size=options.beam_size,
-                    batch_size=options.batch_size)
-  evaluator = Evaluator(tasks, decoder, split=options.split, lengths=lengths,
+  # The decoding of tasks that name none; the others say theirs beside their name.
+  default = Decoder(graphdef, max_decode_len=lengths["targets"],
+                    beam_size=1 if options.beam_size is None else options.beam_size)
+  decoders = {task.name: task_decoder(task, graphdef, max_decode_len=lengths["targets"],
+                                      beam_size=options.beam_size, batch_size=options.batch_size)
+              for task in tasks}
+  evaluator = Evaluator(tasks, decoders, split=options.split, lengths=lengths,
                         max_examples=options.max_examples)
-  log(f"evaluating {', '.join(f'{n} ({k} examples)' for n, k in evaluator.examples.items())} "
-      f"on {options.split!r}, {decoder.description}, at step(s) {', '.join(map(str, steps))}")
+
+  def described(name: str) -> str:
+    own = [decoders[name].description] if decoders[name].description != default.description else []
+    if decoders[name].max_decode_len != default.max_decode_len:
+      own.append(f"up to {decoders[name].max_decode_len} tokens")
+    return f"{name} ({', '.join([f'{evaluator.examples[name]} examples', *own])})"
+
+  log(f"evaluating {', '.join(map(described, evaluator.examples))} "
+      f"on {options.split!r}, {default.description}, at step(s) {', '.join(map(str, steps))}")
   truncation = {}
   for task in tasks:  # exactly the evaluated examples: the first evaluator.examples of the split
     counts = input_pipeline.count_truncation(task, options.split, lengths,
@@ -354,8 +426,10 @@ def run_eval(workdir: str, options: EvalOptions, *, log: Callable[[str], None] =
                  truncation={name: dataclasses.asdict(t) for name, t in truncation.items()})
   results.update(workdir=os.path.abspath(workdir), split=options.split,
                  mixture=run.config.data.mixture if run.config else None,
-                 decoding={"beam_size": options.beam_size, "max_decode_len": lengths["targets"],
+                 decoding={"beam_size": default.beam_size, "max_decode_len": lengths["targets"],
                            "inputs_length": lengths["inputs"]},
+                 task_decoding={name: d.settings for name, d in decoders.items()},
+                 signatures=evaluator.signatures,
                  examples=evaluator.examples,
                  skipped={str(k): v for k, v in skipped.items()})
   out_dir = os.path.join(workdir, "eval")
@@ -378,19 +452,29 @@ def run_eval(workdir: str, options: EvalOptions, *, log: Callable[[str], None] =
 
 class DuringTraining:
   """The train loop's evaluator: `hook(step, params)` scores the mixture's tasks (at most
-  `eval_examples` validation examples each), logs eval/<task>/<metric>, eval/<task>/mean and
-  eval/average to TensorBoard and prints one line."""
+  `eval_examples` validation examples each), logs eval/<task>/<metric>, eval/<task>/mean,
+  eval/average and `eval_samples` examples per task (samples/<task>) through the tracker, prints
+  one line, and returns the scores that keep_best ranks the step's checkpoint by."""
 
-  def __init__(self, c: config_lib.TrainConfig, graphdef, writer, log: Callable[[str], None] = print):
-    self.writer, self.log, self.evaluator = writer, log, None
+  def __init__(self, c: config_lib.TrainConfig, graphdef, tracker,
+               log: Callable[[str], None] = print):
+    self.tracker, self.log, self.evaluator = tracker, log, None
+    self.sample_count, self.keep_best_metric = c.eval_samples, c.keep_best.metric
     if jax.process_count() > 1:  # our decoding feeds host arrays: one process holds every shard
       log("eval_every: evaluation during training needs a single-process run; skipped "
           "(run `t5mix eval` on the checkpoints instead)")
       return
     tasks = eval_tasks([c.data.mixture], "validation", explicit=False, note=log)
     lengths = {"inputs": c.data.inputs_length, "targets": c.data.targets_length}
-    decoder = Decoder(graphdef, max_decode_len=c.data.targets_length)
-    self.evaluator = Evaluator(tasks, decoder, lengths=lengths, max_examples=c.eval_examples)
+    decoders = {task.name: task_decoder(task, graphdef, max_decode_len=c.data.targets_length)
+                for task in tasks}
+    self.evaluator = Evaluator(tasks, decoders, lengths=lengths, max_examples=c.eval_examples)
+    metric = self.keep_best_metric
+    task = metric.partition("/")[0] if metric not in (None, "average") else None
+    if task is not None and task not in self.evaluator.task_names:
+      raise UserError(f"config key 'keep_best.metric': {self.keep_best_metric!r} names task "
+                      f"{task!r}, which is not evaluated; the evaluated tasks are "
+                      f"{', '.join(self.evaluator.task_names)}")
     log(f"evaluating every {c.eval_every} steps on 'validation': "
         + ", ".join(f"{n} ({k} examples)" for n, k in self.evaluator.examples.items()))
 
@@ -400,15 +484,17 @@ class DuringTraining:
     start = time.time()
     results = self.evaluator.evaluate(params, step)
     average = metrics.glue_average(results)
-    with self.writer.as_default(step=step):
-      for task, scores in results.items():
-        for name, value in scores.items():
-          tf.summary.scalar(f"eval/{task}/{name}", value)
-        tf.summary.scalar(f"eval/{task}/mean", metrics.task_mean(scores))
-      tf.summary.scalar("eval/average", average)
+    scores = checkpoints.scores(results)
+    if self.keep_best_metric is not None and self.keep_best_metric not in scores:
+      raise UserError(f"config key 'keep_best.metric': evaluation has no score "
+                      f"{self.keep_best_metric!r}; it has {', '.join(sorted(scores))}")
+    self.tracker.scalars(step, {f"eval/{name}": value for name, value in scores.items()})
+    if self.sample_count:
+      for task, rows in self.evaluator.samples(self.sample_count).items():
+        self.tracker.samples(step, task, rows)
     parts = " | ".join(f"{t} " + " ".join(f"{m} {v:.1f}" for m, v in s.items())
                        for t, s in results.items())
     self.log(f"eval   {step:>6}  average {average:.2f}  ({time.time() - start:.1f} s)  | {parts}")
     for task, word in self.evaluator.single_label.items():
       self.log(single_label_warning(step, task, word))
-    return {"step": step, "average": average, "metrics": results}
+    return {"step": step, "average": average, "metrics": results, "scores": scores}

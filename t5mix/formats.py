@@ -15,7 +15,7 @@ from typing import Any, Iterator
 
 from t5mix.errors import UserError, where
 
-FORMATS = ("tsv", "csv", "jsonl", "squad_json", "conll", "text")
+FORMATS = ("tsv", "csv", "jsonl", "squad_json", "conll", "text", "parallel")
 
 
 def _open_lines(path: str) -> Iterator[tuple[int, str]]:
@@ -162,8 +162,26 @@ def read_text(path: str) -> list[dict[str, Any]]:
           for number, text in _open_lines(path) if text.strip()]
 
 
+def read_parallel(source: str, target: str) -> list[dict[str, Any]]:
+  """Two aligned line files, line i of `target` the counterpart (translation, summary) of line i
+  of `source`: one record {"source", "target", "_line"} per line pair. Blank lines at the end of
+  either file are ignored and a pair of blank lines is skipped; otherwise the files must have the
+  same number of lines, since a count that differs means the pairs no longer line up."""
+  sources, targets = ([text for _, text in _open_lines(path)] for path in (source, target))
+  for lines in (sources, targets):
+    while lines and not lines[-1].strip():
+      lines.pop()
+  if len(sources) != len(targets):
+    raise UserError(f"{source} has {len(sources):,} lines but {target} has {len(targets):,}; "
+                    "a parallel pair needs line i of one file to match line i of the other")
+  return [{"source": s.strip(), "target": t.strip(), "_line": number}
+          for number, (s, t) in enumerate(zip(sources, targets), start=1)
+          if s.strip() or t.strip()]
+
+
 def read(path: str, fmt: str, **options) -> list[dict[str, Any]]:
-  """Reads `path` in format `fmt` (one of FORMATS)."""
+  """Reads `path` in format `fmt` (one of FORMATS); `parallel` reads `path` as the source side
+  and `options["target"]` as the target side."""
   if fmt == "tsv":
     return read_delimited(path, "\t", options.get("columns"))
   if fmt == "csv":
@@ -176,4 +194,6 @@ def read(path: str, fmt: str, **options) -> list[dict[str, Any]]:
     return read_conll(path, options.get("token_column", 0), options.get("tag_column", -1))
   if fmt == "text":
     return read_text(path)
+  if fmt == "parallel":
+    return read_parallel(path, options["target"])
   raise UserError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")

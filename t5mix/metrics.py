@@ -2,7 +2,10 @@
 
 Metric functions are called as `metric_fn(targets=..., predictions=...)` on postprocessed values
 and return `{metric name: float}`. Following T5, every score is reported ×100 (accuracy 87.5
-means 87.5 %; correlations 91.2 mean r = 0.912).
+means 87.5 %; correlations 91.2 mean r = 0.912). BLEU and chrF also return their sacrebleu
+signature (how they were computed) as `{NAME}_signature`, a seqio.metrics.Text, which is no score.
+Generated text is scored by the libraries the field reports with: sacrebleu (BLEU, chrF) and
+rouge-score (ROUGE).
 
 Postprocessors are called as `postprocess_fn(output, example=None, is_target=False)` on decoded
 text, once for each target and each prediction. A prediction that cannot be read becomes -1
@@ -19,7 +22,10 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
+import sacrebleu
 import scipy.stats
+import seqio
+from rouge_score import rouge_scorer
 from sklearn import metrics as sk
 
 from t5mix import ner
@@ -94,6 +100,20 @@ def squad_postprocessor(output, example=None, is_target=False) -> str | list[str
   if isinstance(answers, (str, bytes)):
     answers = _json_string_list(_text(answers)) or [answers]
   return [_text(answer) for answer in answers]
+
+
+def references_postprocessor(output, example=None, is_target=False) -> str | list[str]:
+  """Generation tasks. Targets: every reference text, from `example["references"]` (a JSON list
+  of strings, as t5mix.registry stores it). Predictions: the decoded text."""
+  if not is_target:
+    return _text(output)
+  if example is None or "references" not in example:
+    raise ValueError("references_postprocessor needs the example's 'references' feature")
+  references = _json_string_list(_text(example["references"]))
+  if references is None:
+    raise ValueError(f"references {_text(example['references'])[:80]!r} are not a JSON list of "
+                     "strings")
+  return references
 
 
 def _json_string_list(text: str) -> list[str] | None:
@@ -271,6 +291,68 @@ def span_f1(targets, predictions) -> dict[str, float]:
   recall = correct / gold_total if gold_total else 0.0
   f1 = 2 * precision * recall / (precision + recall) if correct else 0.0
   return {"precision": 100 * precision, "recall": 100 * recall, "f1": 100 * f1}
+
+
+# --- generated text ---------------------------------------------------------------------------
+# Targets are each example's references (a list of texts, or one text); predictions are texts.
+
+SIGNATURE_SUFFIX = "_signature"
+ROUGE_TYPES = ("rouge1", "rouge2", "rougeLsum")
+# Stemming as in the T5 paper's and the ROUGE-1.5.5 script's usual setting. rougeLsum reads each
+# line of a text as a sentence (rouge-score's convention); a text without newlines is one sentence.
+_ROUGE = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
+
+
+def _references(targets) -> list[list[str]]:
+  """Each example's references as a list of texts (a lone text is one reference)."""
+  return [[_text(refs)] if isinstance(refs, (str, bytes)) else [_text(r) for r in refs]
+          for refs in targets]
+
+
+def _reference_streams(targets) -> list[list[str | None]]:
+  """sacrebleu's layout: one stream per reference position, each as long as the corpus; None
+  where an example has fewer references (sacrebleu skips it)."""
+  references = _references(targets)
+  width = max(len(r) for r in references)
+  return [[r[i] if i < len(r) else None for r in references] for i in range(width)]
+
+
+def _sacrebleu(metric, name: str, targets, predictions) -> dict:
+  _check_lengths(targets, predictions)
+  score = metric.corpus_score([_text(p) for p in predictions], _reference_streams(targets))
+  return {name: float(score.score),
+          name + SIGNATURE_SUFFIX: seqio.metrics.Text(textdata=str(metric.get_signature()))}
+
+
+def bleu(targets, predictions) -> dict:
+  """{"bleu": corpus BLEU, "bleu_signature"}: sacrebleu with its defaults (13a tokenisation,
+  mixed case, exponential smoothing), against every reference of each example."""
+  return _sacrebleu(sacrebleu.metrics.BLEU(), "bleu", targets, predictions)
+
+
+def chrf(targets, predictions) -> dict:
+  """{"chrf": corpus chrF, "chrf_signature"}: sacrebleu's chrF2 with its defaults (character
+  6-grams, no word n-grams)."""
+  return _sacrebleu(sacrebleu.metrics.CHRF(), "chrf", targets, predictions)
+
+
+def rouge(targets, predictions) -> dict[str, float]:
+  """{"rouge1", "rouge2", "rougeLsum"}: rouge-score's F-measures with stemming, each example
+  against its best-matching reference, averaged over examples."""
+  _check_lengths(targets, predictions)
+  per_example = [_ROUGE.score_multi(references, _text(prediction))
+                 for references, prediction in zip(_references(targets), predictions)]
+  return {name: 100 * float(np.mean([scores[name].fmeasure for scores in per_example]))
+          for name in ROUGE_TYPES}
+
+
+def exact_match(targets, predictions) -> dict[str, float]:
+  """{"exact_match": % of predictions equal to one of their references}, whitespace at either end
+  aside (decoding does not reproduce it)."""
+  _check_lengths(targets, predictions)
+  hits = [_text(p).strip() in {r.strip() for r in references}
+          for references, p in zip(_references(targets), predictions)]
+  return {"exact_match": 100 * float(np.mean(hits))}
 
 
 # --- benchmark average ------------------------------------------------------------------------

@@ -110,7 +110,7 @@ def format_inputs(task: seqio.Task, record: dict, where: str) -> str:
 
 def parse(task: seqio.Task, prediction: str) -> Any:
   """The postprocessed prediction in JSON form: a label word (or null if the text is none),
-  the answer text, or [[type, text], ...] entities."""
+  the answer or generated text, or [[type, text], ...] entities."""
   spec = getattr(task, "t5mix_spec", None)
   if task.postprocess_fn is None:
     return prediction
@@ -124,9 +124,10 @@ def parse(task: seqio.Task, prediction: str) -> Any:
 
 
 def predict(workdir: str, task_name: str, texts: Sequence[str] = (), input_path: str | None = None,
-            *, checkpoint: str | None = None, beam_size: int = 1,
+            *, checkpoint: str | None = None, beam_size: int | None = None,
             batch_size: int = evaluate.DEFAULT_BATCH_SIZE) -> tuple[int, list[dict]]:
-  """(step, [{"record", "inputs", "prediction", "parsed"}, ...])."""
+  """(step, [{"record", "inputs", "prediction", "parsed"}, ...]), decoded with the task's settings
+  (`evaluate.task_decoder`; `beam_size` overrides its beam size)."""
   checkpoints.check_workdir(workdir)
   task = get_task(task_name)
   records = read_records(task, texts, input_path)
@@ -136,8 +137,8 @@ def predict(workdir: str, task_name: str, texts: Sequence[str] = (), input_path:
   evaluate.check_vocabulary(task, run.model_config)
   vocab = task.output_features["inputs"].vocabulary
   lengths = run.lengths
-  decoder = evaluate.Decoder(graphdef, max_decode_len=lengths["targets"], beam_size=beam_size,
-                             batch_size=min(batch_size, len(inputs)))
+  decoder = evaluate.task_decoder(task, graphdef, max_decode_len=lengths["targets"],
+                                  beam_size=beam_size, batch_size=min(batch_size, len(inputs)))
   tokens = decoder(params, evaluate.tokenize_inputs(inputs, vocab, lengths["inputs"]))
   results = []
   for record, text, row in zip(records, inputs, tokens):
@@ -173,22 +174,17 @@ def _mean_pooled(graphdef, params, tokens):
   return jnp.sum(hidden * weights, axis=1) / jnp.maximum(jnp.sum(weights, axis=1), 1.0)
 
 
-def embed(workdir: str, task_name: str, out_path: str, *, split: str = "validation",
-          checkpoint: str | None = None, max_examples: int | None = None,
-          batch_size: int = evaluate.DEFAULT_BATCH_SIZE) -> tuple[int, np.ndarray, str]:
-  """Writes [N, d_model] float32 embeddings to out_path (.npy) and the examples' inputs/targets
-  text, row by row, to the .jsonl beside it; returns (step, embeddings, jsonl path)."""
-  checkpoints.check_workdir(workdir)
-  task = get_task(task_name)
+def encode_split(task: seqio.Task, split: str, lengths: dict[str, int], graphdef, params, *,
+                 max_examples: int | None = None,
+                 batch_size: int = evaluate.DEFAULT_BATCH_SIZE) -> tuple[np.ndarray, list[dict]]:
+  """[N, d_model] float32 mean-pooled encoder outputs of a split's first N examples (all, or
+  max_examples), in the split's order, and each row's inputs/targets text. Rows are encoded
+  shortest first in narrow batches (evaluate.width_batches): padding is masked, so that changes
+  only the cost."""
   if split not in task.splits:
     raise UserError(f"task {task.name!r} has no split {split!r}; it has {', '.join(task.splits)}")
   if max_examples is not None and max_examples < 1:
     raise UserError(f"--max-examples must be at least 1, got {max_examples}")
-  run, graphdef, params, step = load(workdir, checkpoint)
-  if run.model_config.architecture != "encoder_decoder":
-    raise UserError(f"{workdir}: embed needs an encoder (this model is {run.model_config.architecture})")
-  evaluate.check_vocabulary(task, run.model_config)
-  lengths = run.lengths
   ds = task.get_dataset(lengths, split=split, shuffle=False, num_epochs=1, seed=0)
   if max_examples:
     ds = ds.take(max_examples)
@@ -203,14 +199,30 @@ def embed(workdir: str, task_name: str, out_path: str, *, split: str = "validati
   if not rows:
     raise UserError(f"task {task.name!r} split {split!r} has no examples")
   tokens = np.stack(rows)
-  out = []
-  for start in range(0, len(tokens), batch_size):
-    chunk = tokens[start:start + batch_size]
-    n = len(chunk)
-    if len(tokens) > batch_size:  # keep one shape: one compilation
+  embeddings = None
+  for batch, width in evaluate.width_batches((tokens != 0).sum(axis=1), batch_size, tokens.shape[1]):
+    chunk = tokens[batch, :width]
+    if len(tokens) > batch_size:  # the last batch in the shape the others compiled for
       chunk = evaluate.pad_rows(chunk, batch_size)
-    out.append(np.asarray(_mean_pooled(graphdef, params, chunk))[:n])
-  embeddings = np.concatenate(out).astype(np.float32)
+    pooled = np.asarray(_mean_pooled(graphdef, params, chunk), np.float32)[:len(batch)]
+    if embeddings is None:
+      embeddings = np.zeros((len(tokens), pooled.shape[1]), np.float32)
+    embeddings[batch] = pooled
+  return embeddings, texts
+
+
+def embed(workdir: str, task_name: str, out_path: str, *, split: str = "validation",
+          checkpoint: str | None = None, max_examples: int | None = None,
+          batch_size: int = evaluate.DEFAULT_BATCH_SIZE) -> tuple[int, np.ndarray, str]:
+  """Writes [N, d_model] float32 embeddings to out_path (.npy) and the examples' inputs/targets
+  text, row by row, to the .jsonl beside it; returns (step, embeddings, jsonl path)."""
+  checkpoints.check_workdir(workdir)
+  task = get_task(task_name)
+  run, graphdef, params, step = load(workdir, checkpoint)
+  check_encoder(run, workdir, "embed")
+  evaluate.check_vocabulary(task, run.model_config)
+  embeddings, texts = encode_split(task, split, run.lengths, graphdef, params,
+                                   max_examples=max_examples, batch_size=batch_size)
   out_dir = os.path.dirname(os.path.abspath(out_path))
   try:
     os.makedirs(out_dir, exist_ok=True)
@@ -221,6 +233,12 @@ def embed(workdir: str, task_name: str, out_path: str, *, split: str = "validati
   jsonl_path = os.path.splitext(out_path)[0] + ".jsonl"
   write_jsonl(texts, jsonl_path)
   return step, embeddings, jsonl_path
+
+
+def check_encoder(run: checkpoints.Run, workdir: str, command: str) -> None:
+  if run.model_config.architecture != "encoder_decoder":
+    raise UserError(f"{workdir}: {command} needs an encoder (this model is "
+                    f"{run.model_config.architecture})")
 
 
 def _text(pretokenized, vocab, tokens) -> str:

@@ -1,4 +1,4 @@
-"""The task registry: datasets of three kinds turned into text-to-text seqio Tasks.
+"""The task registry: datasets of five kinds turned into text-to-text seqio Tasks.
 
 A task is a seqio.Task (source → preprocessors → output features, postprocess_fn, metric_fns).
 t5mix adds one thing seqio lacks: a declarative *task spec* (a YAML mapping or keyword
@@ -8,6 +8,7 @@ arguments) that names a kind, where the data is, and how to phrase it:
   classification  "sst2 sentence: {sentence}"                   label word, e.g. "positive"
   qa              "question: {question} context: {context}"     the (first) gold answer
   ner             "ner: {sentence}" (tokens joined by spaces)    "PER: John Smith; LOC: Paris" / "none"
+  seq2seq         "summarize: {dialogue}" (default "{source}")  target_template, e.g. "{summary}"
   text            (span corruption of the text; see span_corruption.py)
 
 Sources: local files (t5mix.formats) or a TFDS dataset. Records are read whole and formatted in
@@ -36,17 +37,21 @@ from t5mix import formats, metrics, ner, span_corruption
 from t5mix.errors import UserError, check_keys, did_you_mean, key_origin
 from t5mix.vocab import get_vocabulary
 
-KINDS = ("classification", "qa", "ner", "text")
+KINDS = ("classification", "qa", "ner", "seq2seq", "text")
+# seq2seq's defaults read the columns of the parallel format (t5mix.formats.read_parallel).
 DEFAULT_TEMPLATES = {
     "classification": None,  # built from the field names, see _default_template
     "qa": "question: {question} context: {context}",
     "ner": "{name}: {sentence}",
+    "seq2seq": "{source}",
     "text": "{text}",
 }
+DEFAULT_TARGET_TEMPLATE = "{target}"
 DEFAULT_METRICS = {
     "classification": ["accuracy"],
     "qa": ["squad"],
     "ner": ["span_f1"],
+    "seq2seq": ["bleu"],
     "text": [],
 }
 METRICS: dict[str, Callable] = {
@@ -57,12 +62,21 @@ METRICS: dict[str, Callable] = {
     "pearson_spearman": metrics.pearson_spearman,
     "squad": metrics.squad,
     "span_f1": metrics.span_f1,
+    "bleu": metrics.bleu,
+    "chrf": metrics.chrf,
+    "rouge": metrics.rouge,
+    "exact_match": metrics.exact_match,
 }
+# The metrics of generated text take lists of reference texts, which only seq2seq makes; the
+# others take labels, answers or entities, which seq2seq does not.
+GENERATION_METRICS = ("bleu", "chrf", "rouge", "exact_match")
+SEQ2SEQ_KEYS = ("target_template", "references")
 
 
 _STR, _OPT_STR = ((str,), "a string"), ((str, type(None)), "a string")
 _INT, _NUMBER = ((int,), "an integer"), ((int, float), "a number")
 _OPT_LIST = ((list, tuple, type(None)), "a list")
+_OPT_INT, _OPT_NUMBER = ((int, type(None)), "an integer"), ((int, float, type(None)), "a number")
 # The type each TaskSpec key must have (checked by validate, so a bad YAML value is a one-line
 # error naming the key rather than a crash later).
 _KEY_TYPES = {
@@ -73,6 +87,8 @@ _KEY_TYPES = {
     "answers": _STR, "tokens": _STR, "tags": _STR, "scheme": _STR, "token_column": _INT,
     "tag_column": _INT, "columns": _OPT_LIST, "metrics": _OPT_LIST, "vocabulary": _OPT_STR,
     "noise_density": _NUMBER, "mean_noise_span_length": _NUMBER, "description": _STR,
+    "target_template": _OPT_STR, "references": _OPT_STR, "beam_size": _OPT_INT,
+    "length_penalty": _OPT_NUMBER, "max_decode_length": _OPT_INT,
 }
 
 
@@ -81,8 +97,9 @@ class TaskSpec:
   """Everything that defines a task. Field names are the keys of a task YAML entry."""
   name: str
   kind: str
-  splits: dict[str, Any]            # split → path | {path, select} (files) or TFDS split name
-  format: str | None = None         # tsv | csv | jsonl | squad_json | conll | text
+  # split → path | {path, select} (files) | {source, target, select} (parallel) | TFDS split name
+  splits: dict[str, Any]
+  format: str | None = None         # tsv | csv | jsonl | squad_json | conll | text | parallel
   tfds: str | None = None           # e.g. "glue/sst2:2.0.0"; replaces `format`
   template: str | None = None       # input text; {field} placeholders
   fields: dict[str, str] = dataclasses.field(default_factory=dict)  # placeholder → column
@@ -95,10 +112,16 @@ class TaskSpec:
   token_column: int = 0             # conll: column of the token
   tag_column: int = -1              # conll: column of the NER tag
   columns: list[str] | None = None  # tsv/csv without a header row
+  target_template: str | None = None  # seq2seq: target text; {field} placeholders
+  references: str | None = None     # seq2seq: column of the reference text(s) eval scores against
   metrics: list[str] | None = None
   vocabulary: str | None = None     # "byte", "demo", or a SentencePiece model path
   noise_density: float = 0.15       # text: span corruption
   mean_noise_span_length: float = 3.0
+  # Decoding in eval and predict (None: greedy, alpha 0.6, up to the run's targets length).
+  beam_size: int | None = None
+  length_penalty: float | None = None  # beam search's alpha: score / ((5 + length) / 6) ** alpha
+  max_decode_length: int | None = None
   description: str = ""
   base_dir: str = "."               # where relative paths resolve (the YAML file's directory)
   origin: str = "<python>"          # where the spec was defined (`file:line`), for error messages
@@ -160,8 +183,22 @@ class TaskSpec:
       if m not in METRICS:
         raise UserError(f"{self.where(f'metrics[{i}]')}: key 'metrics': unknown metric {m!r}"
                         f"{did_you_mean(m, METRICS)}; known: {', '.join(METRICS)}")
-    if self.template is not None:
-      self._check_template()
+      if (m in GENERATION_METRICS) != (self.kind == "seq2seq"):
+        problem = (f"does not score generated text; kind 'seq2seq' takes "
+                   f"{', '.join(GENERATION_METRICS)}" if self.kind == "seq2seq" else
+                   "scores generated text, which only kind 'seq2seq' makes")
+        raise UserError(f"{self.where(f'metrics[{i}]')}: key 'metrics': metric {m!r} {problem}")
+    for key in SEQ2SEQ_KEYS:
+      if getattr(self, key) is not None and self.kind != "seq2seq":
+        raise UserError(f"{self.where(key)}: key {key!r} is for kind 'seq2seq', not "
+                        f"{self.kind!r}")
+    for key, least in (("beam_size", 1), ("max_decode_length", 1), ("length_penalty", 0)):
+      if getattr(self, key) is not None and getattr(self, key) < least:
+        raise UserError(f"{self.where(key)}: key {key!r} must be at least {least}, found "
+                        f"{getattr(self, key)!r}")
+    for key in ("template", "target_template"):
+      if getattr(self, key) is not None:
+        self._check_template(key)
     for split, entry in self.splits.items():
       self._check_split(split, entry)
 
@@ -171,31 +208,39 @@ class TaskSpec:
       raise UserError(f"{self.where(key)}: key {key!r}: {shown!r} is not one of "
                       f"{', '.join(choices)}{did_you_mean(shown, choices)}")
 
-  def _check_template(self) -> None:
-    """The template's syntax; whether its placeholders are columns is known once data is read
-    (_check_columns)."""
+  def _check_template(self, key: str) -> None:
+    """The syntax of template `key` (template, target_template); whether its placeholders are
+    columns is known once data is read (_check_columns)."""
+    template = getattr(self, key)
     try:
-      names = _placeholders(self.template)
+      names = _placeholders(template)
     except ValueError as e:  # string.Formatter's message, e.g. "Single '}' encountered ..."
-      raise UserError(f"{self.where('template')}: key 'template': {self.template!r} is not a "
+      raise UserError(f"{self.where(key)}: key {key!r}: {template!r} is not a "
                       f"valid template ({e}; write {{{{ and }}}} for literal braces)") from None
     if any(not n or n.isdigit() for n in names):
-      raise UserError(f"{self.where('template')}: key 'template': {self.template!r} has a "
+      raise UserError(f"{self.where(key)}: key {key!r}: {template!r} has a "
                       "placeholder without a name ({} or {0}); name a column, e.g. {sentence}")
 
   def _check_split(self, split, entry) -> None:
     where = self.where(f"splits.{split}")
-    expected = ("a TFDS split name" if self.tfds else
-                "a file path or {path: FILE, select: 'START:END'}")
-    ok = isinstance(entry, str) or (not self.tfds and isinstance(entry, Mapping))
+    parallel = self.format == "parallel"  # two files per split
+    if self.tfds:
+      expected = "a TFDS split name"
+    elif parallel:
+      expected = "{source: FILE, target: FILE, select: 'START:END'}"
+    else:
+      expected = "a file path or {path: FILE, select: 'START:END'}"
+    ok = (isinstance(entry, str) and not parallel) or (not self.tfds and isinstance(entry, Mapping))
     if not isinstance(split, str) or not ok:
       raise UserError(f"{where}: key 'splits': split {split!r} must map to {expected}, found "
                       f"{type(entry).__name__} {entry!r}")
     if isinstance(entry, Mapping):
-      unknown = [k for k in entry if k not in ("path", "select")]
-      if unknown or not isinstance(entry.get("path"), str):
-        problem = (f"unknown key {unknown[0]!r}{did_you_mean(unknown[0], ('path', 'select'))}"
-                   if unknown else "no 'path'")
+      files = ("source", "target") if parallel else ("path",)
+      unknown = [k for k in entry if k not in (*files, "select")]
+      missing = [k for k in files if not isinstance(entry.get(k), str)]
+      if unknown or missing:
+        problem = (f"unknown key {unknown[0]!r}{did_you_mean(unknown[0], (*files, 'select'))}"
+                   if unknown else f"no {missing[0]!r}")
         raise UserError(f"{where}: key 'splits': split {split!r}: {problem}; expected {expected}")
       if entry.get("select") is not None:
         _parse_select(entry["select"], f"{self.where(f'splits.{split}.select')}: key 'splits': "
@@ -220,18 +265,20 @@ class TaskSpec:
   def source_description(self) -> str:
     if self.tfds:
       return f"tfds:{self.tfds}"
-    paths = [self._split_path(s)[0] for s in self.splits]
+    paths = [self._split_files(s)[0][0] for s in self.splits]
     home = os.path.expanduser("~")
     path = paths[0] if paths else ""
     return f"{self.format}:{'~' + path[len(home):] if path.startswith(home + os.sep) else path}"
 
-  def _split_path(self, split: str) -> tuple[str, str | None]:
+  def _split_files(self, split: str) -> tuple[list[str], str | None]:
+    """(the split's files: [path], or [source, target] for the parallel format; its select)."""
     entry = self.splits[split]
-    select = None
-    if isinstance(entry, Mapping):  # its keys are checked by validate
-      entry, select = entry["path"], entry.get("select")
-    path = os.path.expandvars(os.path.expanduser(str(entry)))
-    return os.path.normpath(os.path.join(self.base_dir, path)), select
+    if not isinstance(entry, Mapping):
+      entry = {"path": entry}
+    # Its keys are checked by validate.
+    files = [entry["source"], entry["target"]] if self.format == "parallel" else [entry["path"]]
+    paths = [os.path.expandvars(os.path.expanduser(str(f))) for f in files]
+    return [os.path.normpath(os.path.join(self.base_dir, p)) for p in paths], entry.get("select")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,8 +339,8 @@ def _check_columns(spec: TaskSpec, record: Mapping[str, Any], source: str) -> No
   for placeholder, column in spec.fields.items():
     if column not in record:
       raise missing(f"fields.{placeholder}", f"placeholder {{{placeholder}}}: ", column)
-  for key in {"classification": ["label"], "qa": ["answers"], "ner": ["tokens", "tags"]}.get(
-      spec.kind, []):
+  for key in {"classification": ["label"], "qa": ["answers"], "ner": ["tokens", "tags"],
+              "seq2seq": ["references"] if spec.references else []}.get(spec.kind, []):
     if getattr(spec, key) not in record:
       raise missing(key, "", getattr(spec, key))
   if spec.kind == "classification" and not spec.template:
@@ -302,11 +349,17 @@ def _check_columns(spec: TaskSpec, record: Mapping[str, Any], source: str) -> No
   others = {"name": "{name} is the task name"}
   if spec.kind == "ner":
     others["sentence"] = "{sentence} is the tokens joined by spaces"
-  for name in _placeholders(spec.template or DEFAULT_TEMPLATES[spec.kind]):
-    if name not in record and name not in others and name not in spec.fields:
-      hint = did_you_mean(name, [*columns, *others], lambda close: f"{{{close}}}")
-      raise UserError(f"{spec.where('template')}: key 'template': placeholder {{{name}}} is not a "
-                      f"column of {source}{hint}{found} ({'; '.join(others.values())})")
+  templates = {"template": spec.template or DEFAULT_TEMPLATES[spec.kind]}
+  if spec.kind == "seq2seq" and (spec.target_template or not spec.references):
+    templates["target_template"] = spec.target_template or DEFAULT_TARGET_TEMPLATE
+  for key, template in templates.items():
+    for name in _placeholders(template):
+      if name not in record and name not in others and name not in spec.fields:
+        hint = did_you_mean(name, [*columns, *others], lambda close: f"{{{close}}}")
+        default = (f"; it is the default {key}, set {key!r} to name your columns"
+                   if spec.kind == "seq2seq" and getattr(spec, key) is None else "")
+        raise UserError(f"{spec.where(key)}: key {key!r}: placeholder {{{name}}} is not a "
+                        f"column of {source}{hint}{found} ({'; '.join(others.values())}){default}")
 
 
 def input_fields(spec: TaskSpec) -> list[str]:
@@ -402,6 +455,23 @@ def format_record(spec: TaskSpec, record: Mapping[str, Any], where: str) -> dict
       raise UserError(f"{where}: {e}") from None
     return {"inputs": format_inputs(spec, record, where),
             "targets": ner.format_entities(tokens, spans)}
+  if spec.kind == "seq2seq":
+    references = None
+    if spec.references:
+      references = record.get(spec.references)
+      if isinstance(references, str):
+        references = [references]
+      if not isinstance(references, list) or not all(isinstance(r, str) for r in references):
+        raise UserError(f"{where}: column {spec.references!r} (key 'references') must hold a "
+                        f"text or a list of texts, found {str(references)[:80]}")
+      if not references:
+        raise UserError(f"{where}: no reference in column {spec.references!r}")
+    if spec.target_template or not references:
+      target = _fill(spec.target_template or DEFAULT_TARGET_TEMPLATE, values, record, where)
+    else:  # trained on the first reference, scored against them all
+      target = references[0]
+    return {"inputs": format_inputs(spec, record, where), "targets": target,
+            "references": json.dumps(references or [target])}
   # text: the document goes to "targets"; span corruption makes inputs and targets from it.
   return {"inputs": "", "targets": _fill(spec.template or DEFAULT_TEMPLATES["text"], values, record,
                                         where)}
@@ -436,17 +506,18 @@ def _select(records: list, select: str | None, where: str) -> list:
 
 
 @functools.lru_cache(maxsize=64)
-def _read_file(path: str, fmt: str, options: tuple, mtime: float) -> list:
-  del mtime  # part of the cache key: an edited file is read again
+def _read_file(path: str, fmt: str, options: tuple, mtimes: tuple) -> list:
+  del mtimes  # part of the cache key: an edited file is read again
   return formats.read(path, fmt, **dict(options))
 
 
 def _file_records(spec: TaskSpec, split: str) -> list[dict[str, Any]]:
-  path, select = spec._split_path(split)
+  paths, select = spec._split_files(split)
   options = (("columns", tuple(spec.columns) if spec.columns else None),
-             ("token_column", spec.token_column), ("tag_column", spec.tag_column))
-  mtime = os.path.getmtime(path) if os.path.exists(path) else 0.0
-  records = _read_file(path, spec.format, options, mtime)
+             ("token_column", spec.token_column), ("tag_column", spec.tag_column),
+             *((("target", paths[1]),) if spec.format == "parallel" else ()))
+  mtimes = tuple(os.path.getmtime(p) if os.path.exists(p) else 0.0 for p in paths)
+  records = _read_file(paths[0], spec.format, options, mtimes)
   where = f"{spec.where(f'splits.{split}.select')}: key 'splits': split {split!r}"
   if spec.format == "squad_json" and select:
     # Carve SQuAD splits by article so that no context is in two splits.
@@ -593,7 +664,7 @@ def _examples_cached(spec: TaskSpec, split: str, data_dir: str | None):
     records = _tfds_records(spec, split, data_dir)
   else:
     records = _file_records(spec, split)
-  path = spec._split_path(split)[0] if not spec.tfds else f"tfds:{spec.tfds}[{split}]"
+  path = spec._split_files(split)[0][0] if not spec.tfds else f"tfds:{spec.tfds}[{split}]"
   if records:
     _check_columns(spec, records[0], path)
   return [format_record(spec, r, f"{path}:{r.get('_line', '?')}") for r in records]
@@ -632,6 +703,8 @@ def _postprocess_fn(spec: TaskSpec):
     return metrics.squad_postprocessor
   if spec.kind == "ner":
     return metrics.ner_postprocessor
+  if spec.kind == "seq2seq":
+    return metrics.references_postprocessor
   return None
 
 

@@ -26,13 +26,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import seqio
-import tensorflow as tf
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from t5mix import adapters, checkpoints, definitions, distributed, evaluate, finetune
 from t5mix import config as config_lib
-from t5mix import input_pipeline, optim, partitioning, registry
+from t5mix import input_pipeline, mixing, optim, partitioning, registry, tracking
 from t5mix import vocab as vocab_lib
 from t5mix.errors import UserError
 from t5mix.model import T5, T5Config, load_model_config, save_model_config
@@ -68,16 +67,37 @@ def batch_metrics(batch, losses, num_tasks: int):
     positions = jnp.broadcast_to(jnp.arange(task_ids.shape[1]), task_ids.shape)
   starts = ((positions == 0) & (task_ids > 0)).astype(jnp.float32)  # one per example
   real_tokens = jnp.sum(batch["decoder_target_tokens"] != 0)  # non-padding, inputs included
+  # Task ids mark every non-padding target token (decoder-only: every token); an encoder input
+  # token belongs to the task of its example's targets.
+  task_real_tokens = jnp.einsum("bl,blt->t", (task_ids > 0).astype(jnp.float32), one_hot)
   if "encoder_input_tokens" in batch:
-    real_tokens += jnp.sum(batch["encoder_input_tokens"] != 0)
+    inputs = batch["encoder_input_tokens"]
+    real_tokens += jnp.sum(inputs != 0)
+    task_real_tokens += jnp.einsum("bl,blt->t", (inputs != 0).astype(jnp.float32), jax.nn.one_hot(
+        input_task_ids(batch), num_tasks + 1, dtype=jnp.float32))
   return {
       "real_tokens": real_tokens.astype(jnp.float32),
+      "task_real_tokens": task_real_tokens,
       "loss_sum": jnp.sum(losses * weights),
       "tokens": jnp.sum(weights),
       "task_loss_sum": jnp.einsum("bl,blt->t", losses * weights, one_hot),
       "task_tokens": jnp.einsum("bl,blt->t", weights, one_hot),
       "task_examples": jnp.einsum("bl,blt->t", starts, one_hot),
   }
+
+
+def input_task_ids(batch):
+  """The task id of each encoder input token (0 for padding): that of the targets of the same
+  packed example (segment), or of the row's targets when rows are not packed."""
+  task_ids = batch[input_pipeline.TASK_IDS]
+  if "encoder_segment_ids" not in batch:  # one example per row
+    row_task = jnp.max(task_ids, axis=1, keepdims=True)
+    return jnp.where(batch["encoder_input_tokens"] != 0, row_task, 0)
+  num_segments = task_ids.shape[1] + 1  # each packed example has at least one target token
+  segment_task = jax.vmap(lambda ids, segments: jax.ops.segment_max(
+      ids, segments, num_segments=num_segments))(task_ids, batch["decoder_segment_ids"])
+  segment_task = jnp.maximum(segment_task, 0)  # segments without tokens: the dtype's minimum
+  return jnp.take_along_axis(segment_task, batch["encoder_segment_ids"], axis=1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,6 +294,7 @@ def train(c: config_lib.TrainConfig, workdir: str, *, init_from: str | None = No
   if finished is not None:  # a rerun of a finished run builds no model, data or step
     examples = checkpoints.read_examples(os.path.join(checkpoints.checkpoints_dir(workdir), str(finished)))
     return log_done(workdir, finished, None, examples, log)
+  tracking.check(c)  # wandb asked for without the extra: before anything loads
   c, vocab, tasks = choose_data(c, workdir, init_from, log)
   model_config = build_model(c, vocab)
   if not distributed.is_primary():  # one process writes files and reports for all
@@ -289,21 +310,23 @@ def train(c: config_lib.TrainConfig, workdir: str, *, init_from: str | None = No
     shard = Shardings.of(mesh, c.data.batch_size, optimizer, abstract_params)
     # The state: fresh (or --init-from's parameters), then the newest readable checkpoint's.
     state = init_state(new_model, optimizer, shard, init_from, log)
-    manager = open_checkpoints(workdir, c.keep_checkpoints, log)
+    manager = open_checkpoints(workdir, c, log)
     data_iterator = functools.partial(training_batches, c, model_config.architecture, shard.data_layout)
     resumed = checkpoints.resume(manager, workdir, state, data_iterator, shard.data_layout, c.seed, log)
     log_resumed(resumed, c, workdir, log)
+    run_info = {}
     if distributed.is_primary():  # only now: a run that cannot start leaves the workdir as it was
-      write_run_files(c, model_config, vocab, workdir)
+      run_info = describe_run(c, workdir, init_from, resumed)
+      write_run_files(c, model_config, vocab, run_info, workdir)
     # The loop.
-    progress = Progress(c, tasks, plan, workdir, resumed.examples, quiet, log)
-    evaluator = evaluate.DuringTraining(c, graphdef, progress.writer, log) if c.eval_every else None
-    log_start(c, model_config, mesh, plan, tasks, abstract_params, workdir, log)
-    steps = TrainSteps(graphdef, optimizer, c, len(tasks), plan, abstract_params, shard)
-    state = loop(c, resumed.state, resumed.data_iter, steps, plan, progress, manager, shard,
-                 evaluator, workdir, log)
-    adapters.write_run_adapters(plan, workdir, state.params, model_config, int(state.step), log)
-    progress.writer.flush()
+    with tracking.Tracker.open(c, workdir, run_info, log) as tracker:
+      progress = Progress(c, tasks, plan, workdir, resumed, tracker, quiet, log)
+      evaluator = evaluate.DuringTraining(c, graphdef, tracker, log) if c.eval_every else None
+      log_start(c, model_config, mesh, plan, tasks, abstract_params, workdir, log)
+      steps = TrainSteps(graphdef, optimizer, c, len(tasks), plan, abstract_params, shard)
+      state = loop(c, resumed.state, resumed.data_iter, steps, plan, progress, manager, shard,
+                   evaluator, workdir, log)
+      adapters.write_run_adapters(plan, workdir, state.params, model_config, int(state.step), log)
   final = progress.history[-1] if progress.history else {}
   return log_done(workdir, int(state.step), final.get("loss"), progress.examples(), log)
 
@@ -323,14 +346,15 @@ def loop(c, state, data_iter, steps: "TrainSteps", plan, progress: "Progress", m
         step += 1
         if step % c.log_every == 0 or step == c.steps:
           progress.flush(step)
-        if step % c.checkpoint_every == 0 or step == c.steps:
-          save(manager, step, state, data_iter, shard, progress)
+        evaluated = {}  # before saving: keep_best ranks the checkpoint by these scores
         if evaluator is not None and step % c.eval_every == 0:
-          evaluator(step, state.params)
+          evaluated = evaluator(step, state.params)
+        if step % c.checkpoint_every == 0 or step == c.steps:
+          save(manager, step, state, data_iter, shard, progress, evaluated.get("scores"))
         if partitioning.stop_agreed(stop.requested is not None,
                                     step % c.log_every == 0 or step == c.steps):
           requested = stop.requested or "SIGTERM"
-          save(manager, step, state, data_iter, shard, progress)
+          save(manager, step, state, data_iter, shard, progress, evaluated.get("scores"))
           checkpoints.wait_until_saved(manager, step)
           log(f"{requested}: saved checkpoint at step {step} in {workdir}; rerun to resume")
           raise SystemExit(143 if requested == "SIGTERM" else 130)
@@ -342,9 +366,11 @@ def loop(c, state, data_iter, steps: "TrainSteps", plan, progress: "Progress", m
   return state
 
 
-def save(manager, step: int, state, data_iter, shard: "Shardings", progress: "Progress") -> None:
+def save(manager, step: int, state, data_iter, shard: "Shardings", progress: "Progress",
+         step_scores: dict[str, float] | None) -> None:
   progress.flush(step)  # never checkpoint a state whose loss went non-finite
-  checkpoints.save(manager, step, state, data_iter, shard.data_layout, progress.examples())
+  checkpoints.save(manager, step, state, data_iter, shard.data_layout, progress.examples(),
+                   progress.totals(), step_scores)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -358,7 +384,8 @@ def open_workdir(c: config_lib.TrainConfig, workdir: str) -> config_lib.TrainCon
   except OSError as e:
     raise UserError(f"{workdir}: cannot use as workdir ({e.strerror})") from None
   c = config_lib.resolve(c, os.path.join(workdir, checkpoints.CONFIG_FILE))  # see config.resolve
-  for path in (workdir, *(os.path.join(workdir, d) for d in (checkpoints.CHECKPOINTS_DIR, "tensorboard"))):
+  for path in (workdir, *(os.path.join(workdir, d)
+                          for d in (checkpoints.CHECKPOINTS_DIR, checkpoints.TENSORBOARD_DIR))):
     if os.path.exists(path) and not os.access(path, os.W_OK):  # found out now, not at the first save
       raise UserError(f"{path}: {'workdir' if path == workdir else 'directory'} is not writable")
   return c
@@ -414,13 +441,13 @@ def init_state(new_model, optimizer, shard: Shardings, init_from: str | None, lo
   return jax.jit(lambda p: new_state(p, optimizer), out_shardings=shard.state, donate_argnums=0)(params)
 
 
-def open_checkpoints(workdir: str, keep: int, log):
+def open_checkpoints(workdir: str, c: config_lib.TrainConfig, log):
   partial = checkpoints.partial_writes(workdir)
   if partial:
     log(f"removing {', '.join(partial)} in {checkpoints.checkpoints_dir(workdir)}: checkpoint writes "
         "that did not finish (the run was killed or the disk was full while saving)")
   checkpoints.quiet_background_save_errors()
-  return checkpoints.manager(workdir, keep, cleanup=True)
+  return checkpoints.manager(workdir, c.keep_checkpoints, keep_best=c.keep_best, cleanup=True)
 
 
 def training_batches(c: config_lib.TrainConfig, architecture: str, data_layout: dict, seed: int):
@@ -452,15 +479,38 @@ def log_resumed(resumed: checkpoints.Resumed, c: config_lib.TrainConfig, workdir
     log("note: the config differs from the one this workdir last ran with: " + "; ".join(changed))
 
 
-def write_run_files(c, model_config: T5Config, vocab: seqio.Vocabulary, workdir: str) -> None:
-  """config.yaml, model.yaml and a copy of the SentencePiece model (spiece.model, HF's name):
-  eval, predict, export-hf and runs that start from this one find them there."""
+def describe_run(c: config_lib.TrainConfig, workdir: str, init_from: str | None,
+                 resumed: checkpoints.Resumed) -> dict:
+  """run.json's content: what the run started from (--init-from; a resumed run keeps the one it
+  began with) and its mixture's rate table, for `t5mix compare` and wandb's config."""
+  previous = checkpoints.read_run_info(workdir)
+  if resumed.step is not None and "init_from" in previous:
+    started_from = previous["init_from"]
+  else:
+    started_from = os.path.abspath(init_from) if init_from else None
+  provider = registry.get_task_or_mixture(c.data.mixture)
+  spec = getattr(provider, "t5mix_spec", None)
+  mixture = {"name": c.data.mixture, "rate": None, "temperature": None, "maximum": None}
+  if isinstance(spec, mixing.MixtureSpec):
+    mixture.update(rate=spec.rate, maximum=spec.maximum,
+                   temperature=spec.temperature if spec.rate == "temperature" else None)
+  mixture["tasks"] = {row.task: {"examples": row.examples, "capped": row.capped, "rate": row.rate}
+                      for row in mixing.rate_table(provider)}
+  return {"init_from": started_from, "mixture": mixture}
+
+
+def write_run_files(c, model_config: T5Config, vocab: seqio.Vocabulary, run_info: dict,
+                    workdir: str) -> None:
+  """config.yaml, model.yaml, run.json (describe_run) and a copy of the SentencePiece model
+  (spiece.model, HF's name): eval, predict, export-hf, compare and runs that start from this one
+  find them there."""
   path = getattr(vocab, "sentencepiece_model_file", None)
   dest = os.path.join(workdir, vocab_lib.WORKDIR_VOCAB_FILE)
   if path is not None and os.path.realpath(path) != os.path.realpath(dest):
     shutil.copyfile(path, dest)
   config_lib.save(c, os.path.join(workdir, checkpoints.CONFIG_FILE))
   save_model_config(model_config, os.path.join(workdir, checkpoints.MODEL_FILE))
+  checkpoints.write_run_info(workdir, run_info)
 
 
 def log_start(c, model_config, mesh, plan, tasks, params, workdir: str, log) -> None:
@@ -512,28 +562,44 @@ class TrainSteps:
 
 class Progress:
   """The run's metrics: pending step metrics fetched once per log period, the non-finite check,
-  speed without compiling steps, per-task losses and examples, TensorBoard and the progress line."""
+  speed without compiling steps, per-task losses, examples and tokens, the logs (tracker) and the
+  progress line."""
 
-  def __init__(self, c, tasks, plan, workdir: str, examples: dict[str, int], quiet: bool, log):
+  def __init__(self, c, tasks, plan, workdir: str, resumed: checkpoints.Resumed,
+               tracker: tracking.Tracker, quiet: bool, log):
     self.c, self.plan, self.workdir, self.quiet, self.log = c, plan, workdir, quiet, log
+    self.tracker = tracker
     self.names = [t.name for t in tasks]
-    self.task_examples = np.zeros(len(self.names) + 1)  # since step 0, across resumptions
+    # since step 0, across resumptions (what the resumed checkpoint saved)
+    tokens = resumed.totals.get("tokens") or {}
+    self.task_examples = np.zeros(len(self.names) + 1)
+    self.task_tokens_seen = np.zeros(len(self.names) + 1)  # non-padding, inputs and targets
     for i, n in enumerate(self.names):
-      self.task_examples[i + 1] = examples.get(n, 0)
+      self.task_examples[i + 1] = resumed.examples.get(n, 0)
+      self.task_tokens_seen[i + 1] = tokens.get(n, 0)
+    self.seconds_before = float(resumed.totals.get("seconds") or 0.0)  # of the earlier sessions
     self.pending, self.history = [], []
     self.tokens_per_step = c.data.batch_size * (c.data.inputs_length + c.data.targets_length)
     self.schedule = optim.learning_rate_schedule(c.optimizer, c.steps)  # for TensorBoard
-    self.writer = (tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
-                   if distributed.is_primary() else tf.summary.create_noop_writer())
     self._untimed = {"seconds": 0.0, "steps": 0, "tokens": 0.0}
     self._last = {"time": time.time(), "step": 0, "steps_per_s": None}
+    self._started = time.time()
 
   def start(self, step: int) -> None:
-    """The loop begins at `step`: speed counts from now."""
-    self._last.update(time=time.time(), step=step)
+    """The loop begins at `step`: speed and training time count from now."""
+    self._started = time.time()
+    self._last.update(time=self._started, step=step)
 
   def examples(self) -> dict[str, int]:
     return {n: int(self.task_examples[i + 1]) for i, n in enumerate(self.names)}
+
+  def tokens_seen(self) -> dict[str, int]:
+    return {n: int(self.task_tokens_seen[i + 1]) for i, n in enumerate(self.names)}
+
+  def totals(self) -> dict:
+    """Saved with each checkpoint: tokens seen per task, and the seconds the training loop has
+    run (compiling and evaluation during training included) over all sessions of the run."""
+    return {"tokens": self.tokens_seen(), "seconds": self.seconds_before + time.time() - self._started}
 
   def add(self, metrics) -> None:
     """A step's metrics, still on the device: fetched together at the next flush."""
@@ -563,6 +629,7 @@ class Progress:
     task_tokens = sum(m["task_tokens"] for m in fetched)
     for m in fetched:
       self.task_examples += m["task_examples"]
+      self.task_tokens_seen += m["task_real_tokens"]
     steps_per_s, tokens_per_s, compile_s = self._speed(step, real_tokens)
     record = {"step": step,
               "loss": float(sum(m["loss_sum"] for m in fetched) / max(sum(m["tokens"] for m in fetched), 1)),
@@ -573,7 +640,7 @@ class Progress:
               "grad_norm": float(fetched[-1]["grad_norm"]),
               "task_loss": {n: float(task_loss[i + 1] / task_tokens[i + 1])
                             for i, n in enumerate(names) if task_tokens[i + 1] > 0},
-              "task_examples": self.examples()}
+              "task_examples": self.examples(), "tokens_seen": self.tokens_seen()}
     stage = self.plan.stage_at(step)  # gradual unfreezing
     if stage is not None:
       record["stage"] = stage
@@ -614,20 +681,18 @@ class Progress:
     return steps_per_s, tokens_per_s, compile_s
 
   def _write(self, record: dict) -> None:
-    with self.writer.as_default(step=record["step"]):
-      tf.summary.scalar("loss", record["loss"])
-      if record["steps_per_s"] is not None:
-        tf.summary.scalar("steps_per_s", record["steps_per_s"])
-        tf.summary.scalar("tokens_per_s", record["tokens_per_s"])
-      tf.summary.scalar("learning_rate", record["learning_rate"])
-      tf.summary.scalar("padding_share", 1 - record["fill"])  # of the batch's row slots
-      tf.summary.scalar("grad_norm", record["grad_norm"])
-      if "stage" in record:
-        tf.summary.scalar("finetune/stage", record["stage"])
-      for n, v in record["task_loss"].items():
-        tf.summary.scalar(f"task_loss/{n}", v)
-      for n, v in record["task_examples"].items():
-        tf.summary.scalar(f"task_examples/{n}", v)
+    scalars = {"loss": record["loss"]}
+    if record["steps_per_s"] is not None:
+      scalars.update(steps_per_s=record["steps_per_s"], tokens_per_s=record["tokens_per_s"])
+    scalars.update(learning_rate=record["learning_rate"],
+                   padding_share=1 - record["fill"],  # of the batch's row slots
+                   grad_norm=record["grad_norm"])
+    if "stage" in record:
+      scalars["finetune/stage"] = record["stage"]
+    for key in ("task_loss", "task_examples", "tokens_seen"):
+      scalars.update({f"{key}/{n}": v for n, v in record[key].items()})
+    scalars["tokens_seen/all"] = sum(record["tokens_seen"].values())
+    self.tracker.scalars(record["step"], scalars)
 
   def _line(self, record: dict, compile_s: float) -> str:
     steps_per_s, fill = record["steps_per_s"], record["fill"]
@@ -650,7 +715,7 @@ def log_done(workdir: str, step: int, loss: float | None, examples: dict[str, in
              "checkpoints": os.path.join(workdir, checkpoints.CHECKPOINTS_DIR)}
   ran = "no steps left to run" if loss is None else f"loss {loss}"
   log(f"done: step {step}, {ran}; examples seen per task: {examples}; checkpoints in "
-      f"{summary['checkpoints']}, TensorBoard logs in {os.path.join(workdir, 'tensorboard')}")
+      f"{summary['checkpoints']}, TensorBoard logs in {os.path.join(workdir, checkpoints.TENSORBOARD_DIR)}")
   return summary
 
 

@@ -19,9 +19,9 @@ LAYERS = [
                  "definitions", "input_pipeline"}),
     ("model", 1, {"peft", "model", "decode", "partitioning", "hf_interop"}),
     ("config", 2, {"config"}),
-    ("checkpoints", 3, {"checkpoints"}),
+    ("checkpoints", 3, {"checkpoints", "tracking"}),
     ("fine-tuning", 4, {"finetune", "optim", "adapters", "convert"}),
-    ("eval", 4, {"evaluate", "eval_report", "predict"}),
+    ("eval", 4, {"evaluate", "eval_report", "predict", "compare", "probe"}),
     ("train", 5, {"train"}),
     ("cli", 6, {"eval_cli", "cli"}),
 ]

@@ -92,3 +92,24 @@ def test_wikitext_cleaning(clean_registry):
   assert docs == ["Title. First sentence. Second.", "Part. Third."]
   text = pathlib.Path(module.ensure()).read_text()
   assert "&lt;" not in text and "@-@" not in text and "< unk >" not in text
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="needs ../shared/data")
+def test_text_to_text_task_file_loads(cli, clean_registry, tmp_path, monkeypatch):
+  """benchmarks/text_to_text.py's task file reads the shared data with the carved WMT split, and
+  formats translation and summarisation examples."""
+  monkeypatch.syspath_prepend(str(REPO / "benchmarks"))  # it imports its sibling benchmarks
+  spec = importlib.util.spec_from_file_location("text_to_text", REPO / "benchmarks" / "text_to_text.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  tasks_yaml = module.write_tasks(str(tmp_path))
+  rc, out, err = cli("tasks", "--tasks-dir", tasks_yaml)
+  assert rc == 0, err
+  rows = {line.split()[0]: line for line in out.splitlines() if line.startswith("t2t_")}
+  assert "train=2,500 validation=500" in rows[module.WMT] and "bleu,chrf" in rows[module.WMT]
+  assert "train=12,460 validation=500" in rows[module.DIALOGSUM]
+  assert module.MIXTURE in rows
+  rc, out, err = cli("show", module.WMT, "--tasks-dir", tasks_yaml, "-n", "1", "--split",
+                     "validation")
+  assert rc == 0, err
+  assert out.startswith("[0] inputs (") and "translate English to German: " in out

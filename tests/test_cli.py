@@ -196,6 +196,8 @@ COMMAND_HELP = {
     "eval": "score a run's checkpoints on its tasks' validation metrics",
     "predict": "predict raw inputs with a run's model",
     "embed": "mean-pooled encoder embeddings of a task's examples",
+    "compare": "runs side by side: scores, steps, tokens, minutes, differing settings",
+    "probe": "linear probe on frozen encoder features (feature-based transfer)",
 }
 
 

@@ -133,6 +133,24 @@ def _demo_labels(split):
   return [int(line.rsplit("\t", 1)[1]) for line in path.read_text().splitlines()[1:]]
 
 
+def test_compare_reads_what_train_and_eval_wrote(cli, small_run, tmp_path):
+  evaluated, never = tmp_path / "evaluated", tmp_path / "never"
+  shutil.copytree(small_run, evaluated)
+  shutil.copytree(small_run, never)
+  shutil.rmtree(never / "eval", ignore_errors=True)
+  rc, out, err = cli("eval", "--workdir", evaluated, "--checkpoints", "latest", "--max-examples", 4)
+  assert rc == 0, err
+  rc, out, err = cli("compare", evaluated, never)
+  assert rc == 0, err
+  rows = {line.split()[0]: line for line in out.splitlines() if line.split()[:1] in (["evaluated"], ["never"])}
+  average = json.loads((evaluated / "eval" / "results.json").read_text())["steps"]["20"]["average"]
+  cells = rows["evaluated"].split()
+  assert cells[1:4] == ["best,", "latest", "20"] and cells[-4] == f"{average:.2f}", out
+  assert cells[-3] == "20" and cells[-2] != "-" and float(cells[-1]) > 0  # steps, tokens, minutes
+  assert rows["never"].split()[1:3] == ["not", "evaluated"]
+  assert "The runs' settings are the same." in out
+
+
 def test_train_logs_truncated_share_per_task_once(small_run_and_log):
   _, lines = small_run_and_log
   found = [line for line in lines if line.startswith("truncation of ")]
@@ -296,8 +314,43 @@ def test_eval_during_training_logs_metrics_to_tensorboard(small_run_and_log):
           "eval/demo_ner/mean"} <= tags, tags
   with pytest.raises(UserError, match="eval_every"):
     config_lib.load(None, ["eval_every=-1"])
+  with pytest.raises(UserError, match="eval_samples"):
+    config_lib.load(None, ["eval_samples=-1"])
   with pytest.raises(UserError, match="eval_examples"):
     config_lib.load(None, ["eval_examples=0"])
+
+
+def test_eval_during_training_writes_samples_and_tokens_seen_to_tensorboard(small_run_and_log):
+  """Per task, a text table of eval_samples (default 3) examples: input, target, prediction; and
+  the tokens seen per task as scalars beside learning_rate and padding_share."""
+  import tensorflow as tf
+  workdir, lines = small_run_and_log
+  texts, scalars = {}, {}
+  for path in (workdir / "tensorboard").iterdir():
+    for event in tf.compat.v1.train.summary_iterator(str(path)):
+      for value in event.summary.value:
+        array = tf.make_ndarray(value.tensor)
+        if value.tag.startswith("samples/"):
+          texts[value.tag, event.step] = array
+        elif array.ndim == 0:
+          scalars[value.tag, event.step] = float(array)
+  assert {tag for tag, _ in texts} == {"samples/demo_ner", "samples/demo_qa", "samples/demo_sentiment"}
+  assert {step for _, step in texts} == {10, 20}
+  table = texts["samples/demo_qa", 20]
+  assert table.shape == (4, 3) and list(table[0]) == [b"input", b"target", b"prediction"]
+  gold = _uncut("demo_qa", "validation", 3)
+  assert [row[0].decode() for row in table[1:]] == [ex["inputs_pretokenized"].decode() for ex in gold]
+  assert [row[1].decode() for row in table[1:]] == [ex["targets_pretokenized"].decode() for ex in gold]
+  for step in (10, 20):
+    assert {"learning_rate", "padding_share"} <= {tag for tag, s in scalars if s == step}
+    seen = {tag: v for (tag, s), v in scalars.items() if s == step and tag.startswith("tokens_seen/")}
+    assert set(seen) == {"tokens_seen/all", "tokens_seen/demo_ner", "tokens_seen/demo_qa",
+                         "tokens_seen/demo_sentiment"}
+    assert seen["tokens_seen/all"] == sum(v for k, v in seen.items() if k != "tokens_seen/all") > 0
+  assert scalars["tokens_seen/all", 20] > scalars["tokens_seen/all", 10]
+  # saved with the checkpoint, so that a resumed run goes on counting and `compare` reports it
+  totals = checkpoints.read_totals(str(workdir / "checkpoints" / "20"))
+  assert sum(totals["tokens"].values()) == scalars["tokens_seen/all", 20] and totals["seconds"] > 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -369,6 +422,52 @@ def test_embed_writes_mean_pooled_rows_and_texts(cli, small_run, tmp_path):
   np.testing.assert_allclose(np.load(one)[0], x[0], rtol=1e-5, atol=1e-5)
 
 
+def test_probe_is_logistic_regression_on_the_embed_features(cli, small_run, tmp_path):
+  """`t5mix probe` scores what scikit-learn's standardised logistic regression scores on the
+  features `t5mix embed` writes, and the majority class of the training labels."""
+  from sklearn.linear_model import LogisticRegression
+  from sklearn.pipeline import make_pipeline
+  from sklearn.preprocessing import StandardScaler
+  out = tmp_path / "probe.json"
+  rc, stdout, err = cli("probe", "--workdir", small_run, "--task", "demo_sentiment",
+                        "--max-train-examples", 80, "--max-examples", 30, "--out", out)
+  assert rc == 0, err
+  result = json.loads(out.read_text())
+
+  def features(split, n):
+    path = tmp_path / f"{split}.npy"
+    assert cli("embed", "--workdir", small_run, "--task", "demo_sentiment", "--split", split,
+               "--out", path, "--max-examples", n)[0] == 0
+    rows = path.with_suffix(".jsonl").read_text().splitlines()
+    return np.load(path), np.array([json.loads(r)["targets"] for r in rows])
+
+  x_train, y_train = features("train", 80)
+  x_val, y_val = features("validation", 30)
+  reference = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)).fit(x_train, y_train)
+  assert result["accuracy"] == pytest.approx(100 * reference.score(x_val, y_val))
+  labels, counts = np.unique(y_train, return_counts=True)
+  assert result["majority_label"] == labels[counts.argmax()]
+  assert result["majority"] == pytest.approx(100 * np.mean(y_val == labels[counts.argmax()]))
+  assert (result["train_examples"], result["eval_examples"], result["step"]) == (80, 30, 20)
+  assert f"validation accuracy {result['accuracy']:.2f} on 30 examples" in stdout
+  assert f"majority class ({result['majority_label']!r}) {result['majority']:.2f}" in stdout
+
+
+def test_probe_of_a_random_encoder_and_its_errors(cli, small_run):
+  rc, stdout, err = cli("probe", "--workdir", small_run, "--task", "demo_sentiment", "--random-init",
+                        "--max-train-examples", 40, "--max-examples", 10)
+  assert rc == 0, err
+  assert "mean-pooled features of a random encoder of the run's shape" in stdout
+  for args, message in [
+      (["--task", "demo_sentiment", "--random-init", "--checkpoint", "20"],
+       "--random-init and --checkpoint exclude each other"),
+      (["--task", "demo_qa"], "probe needs a classification task"),
+      (["--task", "demo_sentiment", "--train-split", "nope"], "has no split 'nope'"),
+  ]:
+    rc, _, err = cli("probe", "--workdir", small_run, *args)
+    assert rc != 0 and message in err and "Traceback" not in err, err
+
+
 def test_prediction_inputs_read_as_the_training_examples():
   """The fields `t5mix predict` asks for (input_fields), without a label or answer, give the input
   text the task's examples have (the first validation example of each demo task, its text typed
@@ -426,7 +525,8 @@ def bad_dirs(tmp_path, small_run):
      "task 'demo_qa' has no 'test' split"),
     (["eval", "--workdir", "{run}", "--split", "test"], "no task has metrics and a 'test' split"),
     (["eval", "--workdir", "{run}", "--checkpoints", "15"], "no checkpoint at step 15; there are 10, 20"),
-    (["eval", "--workdir", "{run}", "--checkpoints", "best"], "expected all, latest or steps"),
+    (["eval", "--workdir", "{run}", "--checkpoints", "first"], "expected all, latest, best or steps"),
+    (["eval", "--workdir", "{run}", "--checkpoints", "best"], "was trained without keep_best"),
     (["predict", "--workdir", "{tmp}/missing", "--task", "demo_qa", "x"], "no such workdir"),
     (["predict", "--workdir", "{run}", "--task", "nope", "x"], "unknown task or mixture 'nope'"),
     (["predict", "--workdir", "{run}", "--task", "demo_supervised", "x"], "is a mixture"),
@@ -515,8 +615,7 @@ def test_trained_run_beats_trivial_baselines(trained_run):
 
 @pytest.mark.slow
 def test_trained_run_predict_and_embedding_probe(trained_run, tmp_path):
-  from sklearn.linear_model import LogisticRegression
-  from t5mix import predict
+  from t5mix import predict, probe
   step, results = predict.predict(str(trained_run), "demo_sentiment",
                                   ["the movie was great .", "the food was awful ."])
   assert step == 500
@@ -525,16 +624,8 @@ def test_trained_run_predict_and_embedding_probe(trained_run, tmp_path):
                                   ["Alice Moreno visited Lisbon last week ."])
   assert isinstance(results[0]["parsed"], list)
 
-  def embed(split, n):
-    out = tmp_path / f"{split}.npy"
-    predict.embed(str(trained_run), "demo_sentiment", str(out), split=split, max_examples=n)
-    labels = [json.loads(line)["targets"] for line in out.with_suffix(".jsonl").read_text().splitlines()]
-    return np.load(out), labels
-
-  x_train, y_train = embed("train", 1500)
-  x_val, y_val = embed("validation", None)
-  probe = LogisticRegression(max_iter=1000).fit(x_train, y_train)
-  assert probe.score(x_val, y_val) > 0.6
+  result = probe.run_probe(str(trained_run), "demo_sentiment", max_train_examples=1500)
+  assert result["accuracy"] > 60 and result["eval_examples"] > 100, result
 
 
 @pytest.mark.parametrize("architecture,beam_size",

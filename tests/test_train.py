@@ -98,6 +98,8 @@ def test_batch_metrics_count_non_padding_tokens_and_examples():
       "decoder_target_tokens": np.array([[3, 1, 4, 1], [9, 9, 1, 0]]),
       "decoder_loss_weights": np.array([[1, 1, 1, 1], [1, 1, 1, 0]]),
       "decoder_positions": np.array([[0, 1, 0, 1], [0, 1, 2, 0]]),
+      "encoder_segment_ids": np.array([[1, 1, 1, 2, 2, 0], [1, 1, 0, 0, 0, 0]]),
+      "decoder_segment_ids": np.array([[1, 1, 2, 2], [1, 1, 1, 0]]),
       "task_ids": np.array([[1, 1, 2, 2], [1, 1, 1, 0]]),
   }
   losses = np.ones((2, 4), np.float32)
@@ -106,6 +108,13 @@ def test_batch_metrics_count_non_padding_tokens_and_examples():
   assert m["tokens"] == 7
   np.testing.assert_array_equal(m["task_examples"], [0, 2, 1])
   np.testing.assert_array_equal(m["task_tokens"], [0, 5, 2])
+  # tokens seen per task, inputs included: each input token counts for its example's task
+  np.testing.assert_array_equal(m["task_real_tokens"], [0, (3 + 2) + (2 + 3), 2 + 2])
+  assert m["task_real_tokens"].sum() == m["real_tokens"]
+  # unpacked rows (no segment ids): one example per row
+  unpacked = {k: v[1:] for k, v in batch.items() if "segment" not in k}
+  m = jax.device_get(train.batch_metrics(unpacked, losses[1:], num_tasks=2))
+  np.testing.assert_array_equal(m["task_real_tokens"], [0, 2 + 3, 0])
 
 
 def test_init_from_loads_parameters_only(tmp_path):

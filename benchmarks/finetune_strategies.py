@@ -238,9 +238,10 @@ def strategy_table(bench: Strategies, chosen: dict[str, str], sweeps: dict[str, 
       trainable = count(run["trainable"] or run["total"], run["total"])
     sweep = ", ".join(f"{'**' if n == name else ''}{rate_name(r)}: {bench.runs[n]['final_loss']:.3f}"
                       f"{'**' if n == name else ''}" for r, n in sweeps[strategy].items())
-    cells = [f"{run['metrics'][task][metric]:.1f}" for task, metric, _ in COLUMNS]
-    lines.append(f"| {strategy.replace('_', ' ')} | {trainable} | {sweep} | {' | '.join(cells)} | "
-                 f"{statistics.mean(float(c) for c in cells):.1f} | {step_time(bench, strategy)} | "
+    scores = [run["metrics"][task][metric] for task, metric, _ in COLUMNS]
+    lines.append(f"| {strategy.replace('_', ' ')} | {trainable} | {sweep} | "
+                 f"{' | '.join(f'{v:.1f}' for v in scores)} | "
+                 f"{statistics.mean(scores):.1f} | {step_time(bench, strategy)} | "
                  f"{run['peak_rss_gib']:.1f} GiB | {PAPER_GLUE.get(strategy, '—')} |")
   return lines
 
@@ -307,9 +308,9 @@ def main():
         f"SST-2 and CoNLL-2003 at equal rates; in bold the rate kept (lowest loss over the last "
         f"{LAST_LOGS * LOG_EVERY} steps). SST-2 majority class: {majority.get('accuracy', float('nan')):.1f}. "
         f"Step times: {TIMING_ROUNDS} runs of {TIMING_STEPS} steps per strategy, alternated, "
-        f"median of their {TIMING_LOG_EVERY}-step periods (compiling steps excluded). Peak RSS: "
-        f"of the sweep's kept run. {minutes:.0f} min of training and evaluation on "
-        f"{os.cpu_count()} CPU cores."]
+        f"median of their {TIMING_LOG_EVERY}-step periods (compiling steps excluded); gradual "
+        f"unfreezing is not timed (see TIMED). Peak RSS: of the sweep's kept run. "
+        f"{minutes:.0f} min of training and evaluation on {os.cpu_count()} CPU cores."]
   if "probe" in parts:
     full = os.path.join(bench.workdir, chosen["full"])
     encoders = [("pretrained", "pretrained (imported)", bench.base, ()),

@@ -98,14 +98,8 @@ class Decoder:
   def __call__(self, params, inputs: np.ndarray) -> np.ndarray:
     model = nnx.merge(self.graphdef, params)
     outputs = np.zeros((len(inputs), self.max_decode_len), np.int32)
-    full = inputs.shape[1]
-    nonzero = inputs != 0
-    lengths = np.where(nonzero.any(axis=1), full - np.argmax(nonzero[:, ::-1], axis=1), 1)
-    order = np.argsort(lengths, kind="stable")
-    for start in range(0, len(inputs), self.batch_size):
-      rows = order[start:start + self.batch_size]
-      width = next((w for w in self.WIDTHS if w >= lengths[rows].max()), full)
-      chunk = pad_rows(inputs[rows, :min(width, full)], self.batch_size)
+    for rows, width in width_batches(inputs, self.batch_size, self.WIDTHS):
+      chunk = pad_rows(inputs[rows, :width], self.batch_size)
       n = len(rows)
       if self.beam_size == 1:
         tokens = decode.greedy(model, chunk, max_decode_len=self.max_decode_len)
@@ -116,13 +110,16 @@ class Decoder:
     return outputs
 
 
-def width_batches(lengths: np.ndarray, batch_size: int, full: int):
-  """(row indices, width) batches over rows of these token lengths: shortest first, each batch
-  cut to the narrowest of Decoder.WIDTHS (then `full`) that holds its longest row."""
+def width_batches(tokens: np.ndarray, batch_size: int, widths=Decoder.WIDTHS):
+  """(row indices, width) batches over [N, L] padded token rows: shortest row first, each batch
+  cut to the narrowest of `widths` (then L) that holds its longest row."""
+  full = tokens.shape[1]
+  nonzero = tokens != 0
+  lengths = np.where(nonzero.any(axis=1), full - np.argmax(nonzero[:, ::-1], axis=1), 1)
   order = np.argsort(lengths, kind="stable")
   for start in range(0, len(order), batch_size):
     rows = order[start:start + batch_size]
-    yield rows, min(next((w for w in Decoder.WIDTHS if w >= lengths[rows].max()), full), full)
+    yield rows, min(next((w for w in widths if w >= lengths[rows].max()), full), full)
 
 
 def pad_rows(chunk: np.ndarray, size: int) -> np.ndarray:

@@ -200,7 +200,7 @@ def encode_split(task: seqio.Task, split: str, lengths: dict[str, int], graphdef
     raise UserError(f"task {task.name!r} split {split!r} has no examples")
   tokens = np.stack(rows)
   embeddings = None
-  for batch, width in evaluate.width_batches((tokens != 0).sum(axis=1), batch_size, tokens.shape[1]):
+  for batch, width in evaluate.width_batches(tokens, batch_size):
     chunk = tokens[batch, :width]
     if len(tokens) > batch_size:  # the last batch in the shape the others compiled for
       chunk = evaluate.pad_rows(chunk, batch_size)

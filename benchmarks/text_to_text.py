@@ -24,9 +24,10 @@ writes, WORKDIR/tasks.yaml (kind seq2seq over ../shared/data, registered like a 
 WMT is scored with greedy decoding and, for 0 and w, with beam search (4 beams, length penalty
 0.6); DialogSum greedily; each with `t5mix eval` on the WHOLE held-out split (--max-examples only
 for a smoke run).
-Step counts are fixed, so the same command gives the same numbers; they are sized so that each
-run, its training and evaluation, stays within 30 minutes on 2 CPU cores (a run over it is
-flagged under the table), and --scale multiplies them (0.01 for a smoke run). Runs already
+Step counts are fixed, so the same command gives the same numbers. They aim at 30 minutes per
+run (training and evaluation) on 2 CPU cores, as estimated from a --scale 0.01 smoke run's step
+times; no full-size run has checked that yet, and a run over it is flagged under the table.
+--scale multiplies them (0.01 for a smoke run). Runs already
 finished in --workdir are reused, and an interrupted one resumes (WORKDIR/runs.json).
 """
 

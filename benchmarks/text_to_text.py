@@ -19,7 +19,8 @@ writes, WORKDIR/tasks.yaml (kind seq2seq over ../shared/data, registered like a 
   w       WMT fine-tuning from it (configs/finetune_pretrained.yaml's optimizer)
   d       DialogSum fine-tuning from it, and the same steps from random weights of the same shape
           and vocabulary (transfer.py's from-scratch recipe)
-  m       both tasks mixed (T=2) from it
+  m       both mixed (T=2) with transfer.py's SST-2, RTE, SQuAD and CoNLL-2003 tasks, from it;
+          scored on the two generation tasks, to set beside (w) and (d) alone
 
 WMT is scored with greedy decoding and, for 0 and w, with beam search (4 beams, length penalty
 0.6); DialogSum greedily; each with `t5mix eval` on the WHOLE held-out split (--max-examples only
@@ -60,11 +61,13 @@ BEAMS = 4
 
 
 def write_tasks(workdir: str) -> str:
-  """WORKDIR/tasks.yaml over the shared data; returns its path."""
+  """WORKDIR/tasks.yaml: the two generation tasks over the shared data, transfer.py's four
+  classification/NER/QA tasks, and the mixture of all six; returns its path."""
   data = os.path.join(transfer.SHARED, "data")
   wmt = {"source": os.path.join(data, "wmt", "newstest2013.en"),
          "target": os.path.join(data, "wmt", "newstest2013.de")}
-  doc = {"tasks": [
+  doc, _ = transfer.task_definitions(workdir)
+  doc["tasks"] += [
       {"name": WMT, "kind": "seq2seq", "format": "parallel",
        "splits": {"train": {**wmt, "select": f":{WMT_TRAIN_PAIRS}"},
                   "validation": {**wmt, "select": f"{WMT_TRAIN_PAIRS}:"}},
@@ -74,9 +77,10 @@ def write_tasks(workdir: str) -> str:
        "splits": {"train": os.path.join(data, "dialogsum", "train.jsonl"),
                   "validation": os.path.join(data, "dialogsum", "dev.jsonl")},
        "template": "summarize: {dialogue}", "target_template": "{summary}", "metrics": ["rouge"],
-       "max_decode_length": LENGTHS["d"][1]},
-  ], "mixtures": [{"name": MIXTURE, "rate": "temperature", "temperature": 2.0,
-                   "tasks": [WMT, DIALOGSUM]}]}
+       "max_decode_length": LENGTHS["d"][1]}]
+  # T5's multitask question: the generation tasks beside the GLUE/SQuAD/CoNLL ones, at T=2.
+  doc["mixtures"] = [{"name": MIXTURE, "rate": "temperature", "temperature": 2.0,
+                      "tasks": [WMT, DIALOGSUM, *transfer.TASKS]}]
   path = os.path.join(workdir, "tasks.yaml")
   with open(path, "w") as f:
     yaml.safe_dump(doc, f, sort_keys=False)
@@ -262,7 +266,8 @@ def main():
   if "m" in parts:
     bench.train("m_mixed", "m", MIXTURE)
     bench.evaluate("m_mixed", [WMT, DIALOGSUM], "m")
-    rows.append(("(m) WMT + DialogSum mixed (T=2) from the pretrained T5", "m_mixed"))
+    rows.append(("(m) WMT + DialogSum + SST-2/RTE/SQuAD/CoNLL mixed (T=2) from the pretrained T5",
+                 "m_mixed"))
   minutes = sum(bench.minutes(name) for _, name in rows)
   lines = table(bench, rows) + notes(bench, rows) + [
       "", f"Total {minutes:.0f} min of training and evaluation on {os.cpu_count()} CPU cores."]

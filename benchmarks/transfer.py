@@ -78,8 +78,9 @@ def carve_sst2(out_dir: str, held_out_rows: int = 1000) -> dict:
   return {"sst2_train_rows": len(train), "sst2_train_kept": len(kept), "sst2_heldout": len(held)}
 
 
-def write_tasks(workdir: str) -> tuple[str, dict]:
-  """WORKDIR/tasks.yaml over the carved files and the shared data; returns (path, carve stats)."""
+def task_definitions(workdir: str) -> tuple[dict, dict]:
+  """The four tasks and their T=2 mixture over SST-2 carved into WORKDIR/data and the shared data,
+  as a task file's document; returns (document, carve stats)."""
   data_dir = os.path.join(workdir, "data")
   os.makedirs(data_dir, exist_ok=True)
   stats = carve_sst2(data_dir)
@@ -104,6 +105,12 @@ def write_tasks(workdir: str) -> tuple[str, dict]:
        "splits": {"train": os.path.join(shared, "conll2003", "train.txt"),
                   "validation": os.path.join(shared, "conll2003", "valid.txt")}},
   ], "mixtures": [{"name": MIXTURE, "rate": "temperature", "temperature": 2.0, "tasks": TASKS}]}
+  return doc, stats
+
+
+def write_tasks(workdir: str) -> tuple[str, dict]:
+  """WORKDIR/tasks.yaml of task_definitions; returns (path, carve stats)."""
+  doc, stats = task_definitions(workdir)
   path = os.path.join(workdir, "tasks.yaml")
   with open(path, "w") as f:
     yaml.safe_dump(doc, f, sort_keys=False)

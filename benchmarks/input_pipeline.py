@@ -1,12 +1,24 @@
 """Input pipeline: examples/s the mixture pipeline produces vs what the train step consumes.
 
     python benchmarks/input_pipeline.py [--batches 50] [--windows 7] [--json out.json] [--breakdown]
+        [--mixture NAME --tasks-dir F --module F --vocab V] [--cache-dir DIR]
 
-Both at the same shape (demo mixture, packed 128+32-token rows, batch 16, `mini` model).
+By default at one shape (demo mixture, packed 128+32-token rows, batch 16, `mini` model).
 The pipeline must stay well ahead of training, or the accelerator waits on the CPU.
 The pipeline rate is the median over `--windows` windows of `--batches` batches each: one
 window lasts well under a second, so a single one moves by ±20% with whatever else the
 machine is doing.
+
+--cache-dir DIR also measures the pipeline reading the caches `t5mix cache` wrote in DIR
+(data.use_cached): the same mixture, only the steps after the cache run live. The real-data
+mixture with T5's vocabulary, at the fine-tuning lengths:
+
+    DEFS="--tasks-dir benchmarks/real_data/tasks.yaml --module benchmarks/real_data/wikitext.py
+          --vocab ../shared/models/flan-t5-small-kd/spiece.model"
+    t5mix cache real_supervised $DEFS --output-dir /tmp/real_cache --min-shards 16 \
+        -- --direct_num_workers 2 --direct_running_mode multi_processing
+    python benchmarks/input_pipeline.py --mixture real_supervised $DEFS \
+        --inputs-length 384 --targets-length 64 --cache-dir /tmp/real_cache
 
 --breakdown also prints where the pipeline's time goes: the examples/s of each task alone, of the
 sampled mixture, then with seqio's feature converter unpacked and packed, counted inside tf.data.
@@ -17,12 +29,13 @@ import json
 import statistics
 import time
 
-from common import numpy_batch, pipeline, timed, train_stepper
+from common import numpy_batch, timed, train_stepper
 
 import seqio
 import tensorflow as tf
 
-from t5mix import input_pipeline, mixing
+from t5mix import definitions, input_pipeline, mixing, registry
+from t5mix import vocab as vocab_lib
 
 
 def in_graph_rate(ds, examples_of=lambda ex: 1, n=20000):
@@ -35,8 +48,7 @@ def in_graph_rate(ds, examples_of=lambda ex: 1, n=20000):
   return count / (time.perf_counter() - t)
 
 
-def breakdown(mixture):
-  lengths = {"inputs": 128, "targets": 32}
+def breakdown(mixture, lengths):
   tasks = input_pipeline.leaf_tasks(mixture)
   rates = mixing.leaf_rates(seqio.get_mixture_or_task(mixture))
   for t in tasks:
@@ -54,18 +66,8 @@ def breakdown(mixture):
           f"{in_graph_rate(ds, starts if pack else lambda ex: 1, 5000 if pack else 20000):,.0f} examples/s")
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--batches", type=int, default=50)
-  parser.add_argument("--windows", type=int, default=7)
-  parser.add_argument("--steps", type=int, default=10)
-  parser.add_argument("--model", default="mini")
-  parser.add_argument("--mixture", default="demo")
-  parser.add_argument("--batch", type=int, default=16)
-  parser.add_argument("--json")
-  parser.add_argument("--breakdown", action="store_true", help="also time each stage of the pipeline")
-  args = parser.parse_args()
-  ds = pipeline(args.mixture, 128, 32, args.batch, pack=True)
+def produce_rate(ds, args) -> tuple[float, list[float], int, dict]:
+  """(median examples/s, each window's, examples counted, the first batch) of packed batches."""
   it = ds.as_numpy_iterator()
   first = next(it)  # builds the pipeline
   rates, examples = [], 0
@@ -76,26 +78,69 @@ def main():
       window += int(((b["decoder_positions"] == 0) & (b["decoder_segment_ids"] > 0)).sum())
     rates.append(window / (time.perf_counter() - t))
     examples += window
-  produce = statistics.median(rates)
-  vocab = seqio.get_mixture_or_task(args.mixture).output_features["targets"].vocabulary
-  n_tasks = len(seqio.get_mixture_or_task(args.mixture).tasks)
-  step = train_stepper(args.model, (vocab.vocab_size + 127) // 128 * 128, num_tasks=n_tasks)
+  return statistics.median(rates), rates, examples, first
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--batches", type=int, default=50)
+  parser.add_argument("--windows", type=int, default=7)
+  parser.add_argument("--steps", type=int, default=10)
+  parser.add_argument("--model", default="mini")
+  parser.add_argument("--mixture", default="demo")
+  parser.add_argument("--batch", type=int, default=16)
+  parser.add_argument("--inputs-length", type=int, default=128)
+  parser.add_argument("--targets-length", type=int, default=32)
+  parser.add_argument("--tasks-dir", action="append", default=[], help="as t5mix's")
+  parser.add_argument("--module", action="append", default=[], help="as t5mix's")
+  parser.add_argument("--vocab", help="the vocabulary every task is tokenised with, as t5mix's")
+  parser.add_argument("--cache-dir", help="also measure reading the caches `t5mix cache` wrote here")
+  parser.add_argument("--json")
+  parser.add_argument("--breakdown", action="store_true", help="also time each stage of the pipeline")
+  args = parser.parse_args()
+  definitions.load(args.tasks_dir, args.module)
+  with registry.run_vocabulary(vocab_lib.get_vocabulary(args.vocab) if args.vocab else None):
+    measure(args)
+
+
+def measure(args):
+  lengths = {"inputs": args.inputs_length, "targets": args.targets_length}
+  modes = [False] + ([True] if args.cache_dir else [])
+  if args.cache_dir:
+    input_pipeline.use_caches(input_pipeline.leaf_tasks(args.mixture), [args.cache_dir])
+  produced = {}
+  for use_cached in modes:
+    ds = input_pipeline.get_dataset(args.mixture, "train", lengths, seed=0, pack=True,
+                                    use_cached=use_cached)
+    produced[use_cached] = produce_rate(ds.batch(args.batch, drop_remainder=True).prefetch(2), args)
+  produce, rates, examples, first = produced[False]
+  provider = seqio.get_mixture_or_task(args.mixture)
+  vocab = provider.output_features["targets"].vocabulary
+  step = train_stepper(args.model, (vocab.vocab_size + 127) // 128 * 128,
+                       num_tasks=len(input_pipeline.leaf_tasks(args.mixture)))
   batch = numpy_batch(first)
   timed(step, batch)
   times = [timed(step, batch)[0] for _ in range(args.steps)]
   per_batch = examples / (args.batches * args.windows)
   consume = per_batch / statistics.median(times)
+  shape = f"{args.inputs_length}+{args.targets_length}"
   print(f"pipeline produces {produce:,.0f} examples/s (median of {args.windows} windows, "
         f"{min(rates):,.0f}-{max(rates):,.0f}); the train step consumes {consume:,.0f} "
-        f"examples/s ({per_batch:.1f} packed examples per batch of {args.batch})")
+        f"examples/s ({per_batch:.1f} packed examples per batch of {args.batch} x {shape})")
   print(f"pipeline / train step: {produce / consume:.1f}x")
+  result = {"produce_examples_per_s": produce, "consume_examples_per_s": consume,
+            "ratio": produce / consume}
+  if args.cache_dir:
+    cached, cached_rates, _, _ = produced[True]
+    print(f"reading the caches in {args.cache_dir}: {cached:,.0f} examples/s (median, "
+          f"{min(cached_rates):,.0f}-{max(cached_rates):,.0f}), {cached / produce:.1f}x uncached")
+    result["cached_produce_examples_per_s"] = cached
   if args.breakdown:
     print("where the pipeline's time goes (each stage with everything before it):")
-    breakdown(args.mixture)
+    breakdown(args.mixture, lengths)
   if args.json:
     with open(args.json, "w") as f:
-      json.dump({"produce_examples_per_s": produce, "consume_examples_per_s": consume,
-                 "ratio": produce / consume}, f, indent=2)
+      json.dump(result, f, indent=2)
 
 
 if __name__ == "__main__":

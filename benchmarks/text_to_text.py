@@ -96,8 +96,11 @@ class TextToText(quality.Bench):
     self.pretrained = os.path.join(self.workdir, "pretrained")
     self.max_examples = args.max_examples
     self.tasks_yaml = None
+    self.report_only = args.report_only
 
   def prepare(self):
+    if self.report_only:
+      return
     if not os.path.isdir(os.path.join(self.pretrained, "checkpoints")):
       quality.run(["t5mix", "import-hf", transfer.PRETRAINED_HF, "--out", self.pretrained],
                   os.path.join(self.workdir, "logs", "import.log"))
@@ -111,6 +114,8 @@ class TextToText(quality.Bench):
   def train(self, name: str, part: str, mixture: str, *, scratch: bool = False) -> None:
     """A `t5mix train` run of `part`'s steps and lengths in WORKDIR/name, from the imported model
     (or, `scratch`, from random weights of its shape); skipped once it reached its steps."""
+    if self.report_only:
+      return
     steps, (inputs_length, targets_length) = self.steps(part), LENGTHS[part]
     workdir = os.path.join(self.workdir, name)
     before = self.runs.get(name, {})
@@ -148,6 +153,8 @@ class TextToText(quality.Bench):
     """`t5mix eval` of the run's latest checkpoint on the whole held-out splits of `tasks` at
     `part`'s lengths, decoding with `beam_size` beams; the results of each decoding are kept
     under the run's evals["beam{beam_size}"], task by task."""
+    if self.report_only:
+      return
     entry, key = self.runs[name], f"beam{beam_size}"
     kept = entry.setdefault("evals", {}).setdefault(
         key, {"seconds": 0.0, "metrics": {}, "signatures": {}, "truncation": {}, "examples": {}})
@@ -224,10 +231,25 @@ def notes(bench: TextToText, rows: list[tuple[str, str]]) -> list[str]:
     run = bench.runs.get(name, {})
     step = (f"{run['seconds_per_step']:.1f} s a step (batch {BATCH_SIZE}, packed), peak resident "
             f"memory {run['peak_rss_gib']:.1f} GiB, " if run.get("seconds_per_step") else "")
-    over = (f" (over the {BUDGET_MINUTES}-minute budget: lower its steps)"
+    over = (f" (over the {BUDGET_MINUTES}-minute budget)"
             if bench.minutes(name) > BUDGET_MINUTES else "")
     lines.append(f"- {name}: {step}{bench.minutes(name):.1f} min in all{over}")
+    seen = examples_seen(bench, name)
+    if len(seen) > 1:  # a mixture: how its examples were shared out
+      total = sum(seen.values())
+      lines.append("  examples trained on, per task: " + ", ".join(
+          f"{task} {n:,} ({100 * n / total:.0f}%)" for task, n in seen.items()))
   return lines
+
+
+def examples_seen(bench: TextToText, name: str) -> dict[str, int]:
+  """{task: examples} a run trained on, from the last line of its `t5mix train` log."""
+  path = os.path.join(bench.workdir, "logs", f"{name}.log")
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    found = re.findall(r"examples seen per task: (\{.*?\})", f.read())
+  return json.loads(found[-1].replace("'", '"')) if found else {}
 
 
 def main():
@@ -239,6 +261,8 @@ def main():
                                                        "(a smoke run; the table is for whole splits)")
   parser.add_argument("--results", help="write the table into this markdown file (RESULTS.md)")
   parser.add_argument("--json", help="write every run's steps, times and metrics here")
+  parser.add_argument("--report-only", action="store_true",
+                      help="run nothing: the table of what --workdir holds so far")
   args = parser.parse_args()
   if not os.path.isdir(transfer.PRETRAINED_HF):
     sys.exit(f"{transfer.PRETRAINED_HF}: not found (the shared pretrained T5)")
@@ -270,6 +294,8 @@ def main():
   for name, part in (("pretrained", "0"), ("w_wmt", "w")):
     if part in parts:
       bench.evaluate(name, [WMT], "w", beam_size=BEAMS)
+  if args.report_only:  # the rows finished so far
+    rows = [(label, name) for label, name in rows if bench.runs.get(name, {}).get("evals")]
   minutes = sum(bench.minutes(name) for _, name in rows)
   lines = table(bench, rows) + notes(bench, rows) + [
       "", f"Total {minutes:.0f} min of training and evaluation on {os.cpu_count()} CPU cores."]

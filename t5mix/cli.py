@@ -87,7 +87,29 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--init-from", metavar="WORKDIR_OR_CKPT",
                  help="start from these parameters (fresh optimizer, step 0): fine-tuning")
   p.add_argument("--quiet", action="store_true", help="no per-step progress lines")
+  p.add_argument("--cache-dir", action="append", default=[], metavar="DIR",
+                 help="where `t5mix cache` wrote the tasks' caches (repeatable; adds to "
+                      "data.cache_dirs); read with --set data.use_cached=true")
   _distributed_flags(p)
+  _common(p)
+
+  p = sub.add_parser("cache", help="preprocess tasks once, offline, on Apache Beam (seqio's cache)",
+                     description="Run the deterministic part of the tasks' preprocessing (reading, "
+                                 "formatting, tokenising) in seqio's Beam caching pipeline and "
+                                 "write seqio's cache layout (TFRecord shards, info.*.json, "
+                                 "stats.*.json) under --output-dir; train on it with --cache-dir "
+                                 "DIR --set data.use_cached=true. Options after `--` go to Beam, "
+                                 "e.g. -- --direct_num_workers 2 --direct_running_mode "
+                                 "multi_processing. Needs the extra: pip install -e \".[cache]\".")
+  p.add_argument("names", nargs="+", metavar="TASK_OR_MIXTURE", help="tasks or mixtures to cache")
+  p.add_argument("--output-dir", required=True, metavar="DIR",
+                 help="where the caches go (local, or gs:// and the like for a cluster runner)")
+  p.add_argument("--runner", default="DirectRunner",
+                 help="Beam runner: DirectRunner (default), DataflowRunner, FlinkRunner or SparkRunner")
+  p.add_argument("--overwrite", action="store_true",
+                 help="replace caches made from another definition (they are an error otherwise)")
+  p.add_argument("--min-shards", type=int, default=64, metavar="N",
+                 help="TFRecord shards per split, at least (default: 64, as seqio_cache_tasks)")
   _common(p)
 
   p = sub.add_parser("import-hf", help="make a workdir from a HuggingFace T5 checkpoint",
@@ -165,9 +187,10 @@ def _load_definitions(args) -> None:
     registry.TFDS_DATA_DIR = args.tfds_data_dir
   definitions.load(tasks_dir, modules)
   if args.command == "train":  # the run saves them all in its config.yaml, for eval and resume
+    cache_dirs = c.data.cache_dirs + [d if "://" in d else os.path.abspath(d) for d in args.cache_dir]
     args.run_config = dataclasses.replace(c, data=dataclasses.replace(
         c.data, tasks_dir=list(dict.fromkeys(tasks_dir)), module=list(dict.fromkeys(modules)),
-        vocab=vocab or c.data.vocab))
+        vocab=vocab or c.data.vocab, cache_dirs=list(dict.fromkeys(cache_dirs))))
     return
   if vocab:
     registry.RUN_VOCABULARY = vocab_lib.get_vocabulary(vocab)
@@ -195,7 +218,12 @@ def _import_quietly() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+  argv = sys.argv[1:] if argv is None else list(argv)
+  beam_options = []
+  if argv[:1] == ["cache"] and "--" in argv:  # the rest is Beam's, which Beam parses
+    argv, beam_options = argv[:argv.index("--")], argv[argv.index("--") + 1:]
   args = build_parser().parse_args(argv)
+  args.beam_options = beam_options
   _import_quietly()
   from absl import logging as absl_logging
   absl_logging.set_verbosity(absl_logging.ERROR)
@@ -377,6 +405,24 @@ def cmd_train(args) -> int:
   return 0
 
 
+def cmd_cache(args) -> int:
+  from t5mix import cache  # Apache Beam: the optional extra, a UserError when missing
+  from t5mix import vocab as vocab_lib
+  defs = cache.Definitions(  # as _load_definitions registered them here, for Beam's workers
+      tuple(os.path.abspath(p) for p in args.tasks_dir),
+      tuple(os.path.abspath(m) if m.endswith(".py") else m for m in args.module),
+      args.vocab if args.vocab in (None, *vocab_lib.NAMES) else os.path.abspath(args.vocab),
+      args.tfds_data_dir)
+  output_dir = args.output_dir if "://" in args.output_dir else os.path.abspath(args.output_dir)
+  written = cache.cache_tasks(args.names, output_dir, defs, runner=args.runner,
+                              beam_options=args.beam_options, overwrite=args.overwrite,
+                              min_shards=args.min_shards)
+  if written:
+    print(f"train on them with: t5mix train --cache-dir {shlex.quote(output_dir)} "
+          "--set data.use_cached=true ...")
+  return 0
+
+
 def cmd_import_hf(args) -> int:
   from t5mix import convert
   from t5mix import vocab as vocab_lib
@@ -410,7 +456,7 @@ def cmd_adapters(args) -> int:
 
 
 COMMANDS = {"tasks": cmd_tasks, "show": cmd_show, "train": cmd_train, "vocab": cmd_vocab,
-            "import-hf": cmd_import_hf, "export-hf": cmd_export_hf}
+            "cache": cmd_cache, "import-hf": cmd_import_hf, "export-hf": cmd_export_hf}
 
 COMMANDS["adapters"] = cmd_adapters
 COMMANDS.update(eval_cli.COMMANDS)

@@ -55,6 +55,9 @@ class DataConfig:
                                    # else the one its tasks name (they must agree)
   hashes: dict = dataclasses.field(default_factory=dict)  # written by train: {file: content hash}
                                    # of the definitions and vocabulary, to notice later edits
+  use_cached: bool = False         # read each task from the cache `t5mix cache` wrote (tokenised
+                                   # examples: only trimming and span corruption's noise run live)
+  cache_dirs: list = dataclasses.field(default_factory=list)  # where those caches are, like --cache-dir
 
 
 STRATEGIES = ("full", "gradual_unfreezing", "adapters", "lora")
@@ -225,6 +228,9 @@ def _resolve_paths(d: dict, base_dir: str) -> None:
       data["tasks_dir"] = [resolve(v, always=True) for v in data["tasks_dir"]]
     if isinstance(data.get("module"), list):
       data["module"] = [resolve(v) for v in data["module"]]
+    if isinstance(data.get("cache_dirs"), list):  # local ones; gs:// and the like as they are
+      data["cache_dirs"] = [v if "://" in str(v) else resolve(v, always=True)
+                            for v in data["cache_dirs"]]
     if data.get("vocab") not in ("byte", "demo", "t5"):
       data["vocab"] = resolve(data.get("vocab"), always=True)
 

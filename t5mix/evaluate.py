@@ -39,9 +39,10 @@ from t5mix import checkpoints, decode, eval_report, input_pipeline, metrics, reg
 from t5mix import config as config_lib
 from t5mix import vocab as vocab_lib
 from t5mix.errors import UserError, first_line
-from t5mix.model import T5Config
+from t5mix.model import T5Config, with_dtype
 
 DEFAULT_BATCH_SIZE = 64
+DECODE_DTYPES = ("float32", "bfloat16")  # --decode-dtype
 
 # ---------------------------------------------------------------------------------------------
 # The model and its vocabulary.
@@ -68,35 +69,44 @@ class Decoder:
   similar inputs tends to stop decoding together. Padding is masked, so the cut changes nothing
   but the cost; jit compiles once per width used.
 
-  beam_size 1 is greedy decoding; more is beam search (t5x's length penalty: `alpha`).
+  beam_size 1 is greedy decoding; more is beam search (t5x's length penalty: `alpha`). dtype
+  (--decode-dtype): decode a copy of the model that computes in it and holds its weights in it
+  (`model.with_dtype`); None: the model as it is.
   """
 
   WIDTHS = (32, 64, 128, 256)
 
   def __init__(self, graphdef, *, max_decode_len: int, beam_size: int = 1,
-               alpha: float = decode.LENGTH_PENALTY, batch_size: int = DEFAULT_BATCH_SIZE):
+               alpha: float = decode.LENGTH_PENALTY, batch_size: int = DEFAULT_BATCH_SIZE,
+               dtype: str | None = None):
     if beam_size < 1:
       raise UserError(f"--beam-size must be at least 1, got {beam_size}")
     if batch_size < 1:
       raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    if dtype not in (None, *DECODE_DTYPES):
+      raise UserError(f"--decode-dtype must be one of {', '.join(DECODE_DTYPES)}, got {dtype!r}")
     self.graphdef, self.max_decode_len = graphdef, max_decode_len
-    self.beam_size, self.alpha, self.batch_size = beam_size, alpha, batch_size
+    self.beam_size, self.alpha, self.batch_size, self.dtype = beam_size, alpha, batch_size, dtype
 
   @property
   def description(self) -> str:
+    weights = f", {self.dtype} weights" if self.dtype else ""
     if self.beam_size == 1:
-      return "greedy"
+      return f"greedy{weights}"
     penalty = f", length penalty {self.alpha:g}" if self.alpha != decode.LENGTH_PENALTY else ""
-    return f"beam search ({self.beam_size} beams){penalty}"
+    return f"beam search ({self.beam_size} beams){penalty}{weights}"
 
   @property
   def settings(self) -> dict[str, Any]:
     """What results.json records of it."""
+    dtype = {"dtype": self.dtype} if self.dtype else {}  # the model as trained: not recorded
     return {"beam_size": self.beam_size, "length_penalty": self.alpha,
-            "max_decode_len": self.max_decode_len}
+            "max_decode_len": self.max_decode_len, **dtype}
 
   def __call__(self, params, inputs: np.ndarray) -> np.ndarray:
     model = nnx.merge(self.graphdef, params)
+    if self.dtype:
+      model = with_dtype(model, self.dtype)
     outputs = np.zeros((len(inputs), self.max_decode_len), np.int32)
     for rows, width in width_batches(inputs, self.batch_size, self.WIDTHS):
       chunk = pad_rows(inputs[rows, :width], self.batch_size)
@@ -141,10 +151,11 @@ def tokenize_inputs(texts: Sequence[str], vocab: seqio.Vocabulary, length: int) 
 
 
 def task_decoder(task: seqio.Task, graphdef, *, max_decode_len: int,
-                 beam_size: int | None = None, batch_size: int = DEFAULT_BATCH_SIZE) -> Decoder:
+                 beam_size: int | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
+                 dtype: str | None = None) -> Decoder:
   """The decoder of a task's own settings (its definition's beam_size, length_penalty and
   max_decode_length; else greedy, alpha 0.6, up to `max_decode_len` tokens); `beam_size`, when
-  given (--beam-size), overrides the task's."""
+  given (--beam-size), overrides the task's; `dtype` as Decoder's."""
   spec = getattr(task, "t5mix_spec", None)  # None: a plain seqio task, which has no settings
   own = {key: getattr(spec, key, None)
          for key in ("beam_size", "length_penalty", "max_decode_length")}
@@ -152,7 +163,7 @@ def task_decoder(task: seqio.Task, graphdef, *, max_decode_len: int,
     beam_size = own["beam_size"] or 1
   alpha = decode.LENGTH_PENALTY if own["length_penalty"] is None else own["length_penalty"]
   return Decoder(graphdef, max_decode_len=own["max_decode_length"] or max_decode_len,
-                 beam_size=beam_size, alpha=alpha, batch_size=batch_size)
+                 beam_size=beam_size, alpha=alpha, batch_size=batch_size, dtype=dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -351,6 +362,7 @@ class EvalOptions:
   batch_size: int = DEFAULT_BATCH_SIZE
   inputs_length: int | None = None      # default: the run's data.inputs_length
   targets_length: int | None = None     # default: the run's data.targets_length (max decode length)
+  decode_dtype: str | None = None       # decode a copy in this dtype (Decoder); default: as trained
 
 
 def run_eval(workdir: str, options: EvalOptions, *, log: Callable[[str], None] = print) -> dict:
@@ -375,9 +387,11 @@ def run_eval(workdir: str, options: EvalOptions, *, log: Callable[[str], None] =
   graphdef, abstract = checkpoints.abstract_model(run.model_config)
   # The decoding of tasks that name none; the others say theirs beside their name.
   default = Decoder(graphdef, max_decode_len=lengths["targets"],
-                    beam_size=1 if options.beam_size is None else options.beam_size)
+                    beam_size=1 if options.beam_size is None else options.beam_size,
+                    dtype=options.decode_dtype)
   decoders = {task.name: task_decoder(task, graphdef, max_decode_len=lengths["targets"],
-                                      beam_size=options.beam_size, batch_size=options.batch_size)
+                                      beam_size=options.beam_size, batch_size=options.batch_size,
+                                      dtype=options.decode_dtype)
               for task in tasks}
   evaluator = Evaluator(tasks, decoders, split=options.split, lengths=lengths,
                         max_examples=options.max_examples)
@@ -424,7 +438,8 @@ def run_eval(workdir: str, options: EvalOptions, *, log: Callable[[str], None] =
   results.update(workdir=os.path.abspath(workdir), split=options.split,
                  mixture=run.config.data.mixture if run.config else None,
                  decoding={"beam_size": default.beam_size, "max_decode_len": lengths["targets"],
-                           "inputs_length": lengths["inputs"]},
+                           "inputs_length": lengths["inputs"],
+                           **({"dtype": options.decode_dtype} if options.decode_dtype else {})},
                  task_decoding={name: d.settings for name, d in decoders.items()},
                  signatures=evaluator.signatures,
                  examples=evaluator.examples,

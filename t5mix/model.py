@@ -15,6 +15,7 @@ example gets exactly the bias it gets alone.
 """
 
 import dataclasses
+import functools
 import math
 import pathlib
 
@@ -29,6 +30,12 @@ from t5mix.errors import UserError
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs" / "model"
 NEG_INF = -1e10  # finite, so that fully masked rows (padding) give uniform weights instead of NaN
+# What a layer keeps for the backward pass (jax.checkpoint policies); the rest is recomputed there.
+REMAT_POLICIES = {
+    "none": None,  # everything: no recomputation
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,  # matmul outputs; elementwise ops recomputed
+    "full": jax.checkpoint_policies.nothing_saveable,  # only the layer's inputs; the whole layer recomputed
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +55,9 @@ class T5Config:
   tie_word_embeddings: bool = False  # v1.0: True (and logits scaled by d_model**-0.5)
   architecture: str = "encoder_decoder"  # or "decoder_only" (prefix-LM; uses num_decoder_layers)
   dtype: str = "float32"  # compute dtype: "float32" or "bfloat16"
+  # Activation memory (whole-sequence passes; decoding runs the layers one by one regardless):
+  remat: str = "none"  # recompute each layer in the backward pass: none | dots_saveable | full (REMAT_POLICIES)
+  scan_layers: bool = False  # one compiled layer scanned over the stacked layer parameters
   # Parameter-efficient fine-tuning (t5mix/peft.py); 0 = none, so existing checkpoints are unaffected.
   adapter_size: int = 0  # bottleneck adapter after each FFN (and attention, if adapter_after_attention)
   adapter_after_attention: bool = False
@@ -70,6 +80,7 @@ class T5Config:
         "feed_forward_proj": ("relu", "gated-gelu"),
         "architecture": ("encoder_decoder", "decoder_only"),
         "dtype": ("float32", "bfloat16"),
+        "remat": tuple(REMAT_POLICIES),
     }
     for name, allowed in choices.items():
       if getattr(self, name) not in allowed:
@@ -347,13 +358,47 @@ class Stack(nnx.Module):
   def __call__(self, x, mask, bias, *, encoded=None, cross_mask=None, cache=None, index=None,
                deterministic=True, rngs=None):
     x = _dropout(x, self.config.dropout_rate, deterministic, rngs)
-    new_cache = []
-    for i, layer in enumerate(self.layers):
-      x, c = layer(x, mask, bias, encoded=encoded, cross_mask=cross_mask, cache=None if cache is None else cache[i],
-                   index=index, deterministic=deterministic, rngs=rngs)
-      new_cache.append(c)
+    new_cache = None
+    if cache is None:
+      x = self._whole_sequences(x, mask, bias, encoded, cross_mask, deterministic, rngs)
+    else:  # decoding: each layer with its own cache
+      new_cache = []
+      for layer, layer_cache in zip(self.layers, cache):
+        x, c = layer(x, mask, bias, encoded=encoded, cross_mask=cross_mask, cache=layer_cache, index=index,
+                     deterministic=deterministic, rngs=rngs)
+        new_cache.append(c)
     x = _dropout(self.final_norm(x), self.config.dropout_rate, deterministic, rngs)
-    return x, (new_cache if cache is not None else None)
+    return x, new_cache
+
+  def _whole_sequences(self, x, mask, bias, encoded, cross_mask, deterministic, rngs):
+    """The layers over whole sequences, each under `config.remat`'s checkpoint policy; with
+    `config.scan_layers`, as one layer scanned over their parameters stacked here (the model and its
+    checkpoints keep one module per layer, so nothing else sees the stacked layout). The dropout
+    stream is carried through the scan, so it draws the masks the unscanned loop draws.
+
+    XLA:CPU drops jax.checkpoint's optimization barriers before its CSE pass, which then merges the
+    recomputation of unscanned layers back into the forward pass: on CPU, remat saves memory only
+    with scan_layers (benchmarks/RESULTS.md, "Activation memory")."""
+    def run(layer, x, rngs):
+      return layer(x, mask, bias, encoded=encoded, cross_mask=cross_mask, cache=None, index=None,
+                   deterministic=deterministic, rngs=rngs)[0]
+    policy = REMAT_POLICIES[self.config.remat]
+    if policy is not None:  # (inside a scan, the loop already keeps XLA from merging the recomputation)
+      run = nnx.remat(run, policy=policy, prevent_cse=not self.config.scan_layers)
+    if not self.config.scan_layers:
+      for layer in self.layers:
+        x = run(layer, x, rngs)
+      return x
+    graphdef = nnx.graphdef(self.layers[0])
+    stacked = nnx.merge(graphdef, jax.tree.map(lambda *xs: jnp.stack(xs), *map(nnx.state, self.layers)))
+
+    @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
+    def scanned(layer, carry):
+      x, rngs = carry
+      return run(layer, x, rngs), rngs
+
+    x, _ = scanned(stacked, (x, rngs))
+    return x
 
 
 def _segment_mask(q_segments, k_segments):
@@ -509,6 +554,22 @@ class T5(nnx.Module):
                              cross_mask=cross_mask, cache=cache["layers"], index=index)
     new_cache = {**cache, "index": cache["index"] + length, "valid": key_valid, "layers": layers}
     return self._logits(x), new_cache
+
+
+def with_dtype(model: T5, dtype: str) -> T5:
+  """The model computing in `dtype` with every parameter cast to it. A bfloat16 copy for decoding reads
+  half the weight bytes per step and runs bfloat16 matmuls: faster where those are native (GPUs,
+  TPUs), no faster on a CPU without bfloat16 instructions; its greedy tokens differ slightly from
+  float32's (benchmarks/RESULTS.md, "Decoding in bfloat16")."""
+  if dtype == model.config.dtype and all(x.dtype == dtype for x in jax.tree.leaves(nnx.state(model))):
+    return model
+  graphdef = _graphdef(dataclasses.replace(model.config, dtype=dtype))
+  return nnx.merge(graphdef, jax.tree.map(lambda x: x.astype(dtype), nnx.state(model)))
+
+
+@functools.lru_cache(maxsize=8)
+def _graphdef(config: T5Config):
+  return nnx.graphdef(nnx.eval_shape(lambda: T5(config, rngs=nnx.Rngs(0))))
 
 
 def merge_lora_model(model: T5) -> T5:

@@ -125,9 +125,11 @@ def parse(task: seqio.Task, prediction: str) -> Any:
 
 def predict(workdir: str, task_name: str, texts: Sequence[str] = (), input_path: str | None = None,
             *, checkpoint: str | None = None, beam_size: int | None = None,
-            batch_size: int = evaluate.DEFAULT_BATCH_SIZE) -> tuple[int, list[dict]]:
+            batch_size: int = evaluate.DEFAULT_BATCH_SIZE,
+            decode_dtype: str | None = None) -> tuple[int, list[dict]]:
   """(step, [{"record", "inputs", "prediction", "parsed"}, ...]), decoded with the task's settings
-  (`evaluate.task_decoder`; `beam_size` overrides its beam size)."""
+  (`evaluate.task_decoder`; `beam_size` overrides its beam size; `decode_dtype`: decode a copy of
+  the model in that dtype)."""
   checkpoints.check_workdir(workdir)
   task = get_task(task_name)
   records = read_records(task, texts, input_path)
@@ -138,7 +140,8 @@ def predict(workdir: str, task_name: str, texts: Sequence[str] = (), input_path:
   vocab = task.output_features["inputs"].vocabulary
   lengths = run.lengths
   decoder = evaluate.task_decoder(task, graphdef, max_decode_len=lengths["targets"],
-                                  beam_size=beam_size, batch_size=min(batch_size, len(inputs)))
+                                  beam_size=beam_size, batch_size=min(batch_size, len(inputs)),
+                                  dtype=decode_dtype)
   tokens = decoder(params, evaluate.tokenize_inputs(inputs, vocab, lengths["inputs"]))
   results = []
   for record, text, row in zip(records, inputs, tokens):

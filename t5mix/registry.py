@@ -11,10 +11,11 @@ arguments) that names a kind, where the data is, and how to phrase it:
   seq2seq         "summarize: {dialogue}" (default "{source}")  target_template, e.g. "{summary}"
   text            (span corruption of the text; see span_corruption.py)
 
-Sources: local files (t5mix.formats) or a TFDS dataset. Records are read whole and formatted in
-Python, once per process, then handed to tf.data: labelled datasets fit in memory, counts are
-exact (mixing rates need them), and one formatter serves files and TFDS alike. `text` tasks over
-TFDS stream instead, since pretraining corpora do not fit in memory.
+Sources (t5mix.sources): local files (t5mix.formats), a TFDS dataset, or a HuggingFace dataset.
+A file or TFDS split is read whole and formatted in Python, once per process, then handed to
+tf.data: labelled datasets fit in memory, counts are exact (mixing rates need them), and one
+formatter serves every source. Splits that may not fit stream instead: a glob of files, an HF
+dataset (formatted a chunk at a time inside tf.data), and `text` tasks over TFDS.
 """
 
 from __future__ import annotations
@@ -23,17 +24,18 @@ import contextlib
 import dataclasses
 import difflib
 import functools
+import itertools
 import json
 import os
 import re
 import string
 import sys
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import seqio
 import tensorflow as tf
 
-from t5mix import formats, metrics, ner, span_corruption
+from t5mix import formats, metrics, ner, sources, span_corruption
 from t5mix.errors import UserError, check_keys, did_you_mean, key_origin
 from t5mix.vocab import get_vocabulary
 
@@ -77,11 +79,13 @@ _STR, _OPT_STR = ((str,), "a string"), ((str, type(None)), "a string")
 _INT, _NUMBER = ((int,), "an integer"), ((int, float), "a number")
 _OPT_LIST = ((list, tuple, type(None)), "a list")
 _OPT_INT, _OPT_NUMBER = ((int, type(None)), "an integer"), ((int, float, type(None)), "a number")
+_SOURCE = ((Mapping, type(None)), "a mapping {hf: NAME, config: ..., split_map: {...}, ...}")
 # The type each TaskSpec key must have (checked by validate, so a bad YAML value is a one-line
 # error naming the key rather than a crash later).
 _KEY_TYPES = {
     "kind": _STR, "splits": ((Mapping,), "a mapping of split names"), "format": _OPT_STR,
-    "tfds": _OPT_STR, "template": _OPT_STR, "fields": ((Mapping,), "a mapping of names to columns"),
+    "tfds": _OPT_STR, "source": _SOURCE, "template": _OPT_STR,
+    "fields": ((Mapping,), "a mapping of names to columns"),
     "label": _STR,
     "label_words": ((list, tuple, Mapping, type(None)), "a list or mapping of label words"),
     "answers": _STR, "tokens": _STR, "tags": _STR, "scheme": _STR, "token_column": _INT,
@@ -97,10 +101,14 @@ class TaskSpec:
   """Everything that defines a task. Field names are the keys of a task YAML entry."""
   name: str
   kind: str
-  # split → path | {path, select} (files) | {source, target, select} (parallel) | TFDS split name
+  # split → path | {path, select, num_examples} (files; a glob path streams) |
+  # {source, target, select} (parallel) | TFDS split name | HF split (from source.split_map)
   splits: dict[str, Any]
-  format: str | None = None         # tsv | csv | jsonl | squad_json | conll | text | parallel
+  format: str | None = None         # one of formats.FORMATS: tsv, csv, jsonl, ..., parquet
   tfds: str | None = None           # e.g. "glue/sst2:2.0.0"; replaces `format`
+  # HF datasets: {hf: NAME | DIR | parquet..., config, split_map, data_files, revision}; replaces
+  # `format`, and its split_map gives `splits`
+  source: dict[str, Any] | None = None
   template: str | None = None       # input text; {field} placeholders
   fields: dict[str, str] = dataclasses.field(default_factory=dict)  # placeholder → column
   label: str = "label"              # classification: the label column
@@ -139,6 +147,9 @@ class TaskSpec:
     task = f": task {name!r}" if isinstance(name, str) else ""
     known = {f.name for f in dataclasses.fields(cls)} - {"base_dir", "origin", "key_origins"}
     check_keys(d, known, lambda key: f"{key_origins.get(key, origin)}{task}")
+    if "source" in d:
+      d = {**d, "splits": _source_splits(d, lambda key: f"{key_origin(key_origins, key, origin)}"
+                                                        f"{task}")}
     for key in ("name", "kind", "splits"):
       if key not in d:
         raise UserError(f"{origin}{task}: missing required key {key!r}")
@@ -169,10 +180,13 @@ class TaskSpec:
         raise UserError(f"{self.where(path)}: key {key!r}: {bad[1]!r} is not a string "
                         "(column or metric name)")
     self._check_choice("kind", self.kind, KINDS)
-    if (self.format is None) == (self.tfds is None):
-      raise UserError(f"{self.where()}: give exactly one of 'format' (local files) or 'tfds'")
+    if sum(x is not None for x in (self.format, self.tfds, self.source)) != 1:
+      raise UserError(f"{self.where()}: give exactly one of 'format' (local files), 'tfds' or "
+                      "'source' (HuggingFace datasets)")
     if self.format is not None:
       self._check_choice("format", self.format, formats.FORMATS)
+    if self.source is not None:
+      self._check_source()
     if not isinstance(self.splits, Mapping) or not self.splits:
       raise UserError(f"{self.where('splits')}: key 'splits' must map split names to files")
     if self.kind == "classification" and not self.label_words:
@@ -221,30 +235,77 @@ class TaskSpec:
       raise UserError(f"{self.where(key)}: key {key!r}: {template!r} has a "
                       "placeholder without a name ({} or {0}); name a column, e.g. {sentence}")
 
+  def _check_source(self) -> None:
+    """The keys of `source:` (HF datasets); its split_map became `splits` (see _source_splits)."""
+    source = self.source
+    check_keys(source, sources.SOURCE_KEYS, lambda key: self.where(f"source.{key}"),
+               prefix="source.", suffix=f"; expected {', '.join(sources.SOURCE_KEYS)}")
+    if not isinstance(source.get("hf"), str) or not source["hf"]:
+      raise UserError(f"{self.where('source')}: key 'source' needs 'hf': a hub dataset name, a "
+                      "directory (written by save_to_disk, or of data files), or one of "
+                      f"{', '.join(sources.PACKAGED_BUILDERS)} with data_files")
+    for key in ("config", "revision"):
+      if not isinstance(source.get(key), (str, type(None))):
+        raise UserError(f"{self.where(f'source.{key}')}: key 'source.{key}' must be a string, "
+                        f"found {type(source[key]).__name__} {source[key]!r}")
+    data_files = source.get("data_files")
+    paths = data_files.values() if isinstance(data_files, Mapping) else [data_files]
+    if data_files is not None and not all(
+        isinstance(p, str) or isinstance(p, list) and all(isinstance(f, str) for f in p)
+        for p in paths):
+      raise UserError(f"{self.where('source.data_files')}: key 'source.data_files' must be a path "
+                      f"(or glob), a list of them, or {{split: paths}}, found {data_files!r}")
+    if source["hf"] in sources.PACKAGED_BUILDERS and data_files is None:
+      raise UserError(f"{self.where('source.hf')}: key 'source': hf {source['hf']!r} reads "
+                      "local files: give them in data_files")
+
   def _check_split(self, split, entry) -> None:
     where = self.where(f"splits.{split}")
     parallel = self.format == "parallel"  # two files per split
+    keys = ("select",) if parallel else ("select", "num_examples")
     if self.tfds:
       expected = "a TFDS split name"
+    elif self.source is not None:
+      expected = "an HF split name (e.g. train, or train[:90%]), in source.split_map"
+      where = self.where(f"source.split_map.{split}")
     elif parallel:
       expected = "{source: FILE, target: FILE, select: 'START:END'}"
     else:
-      expected = "a file path or {path: FILE, select: 'START:END'}"
-    ok = (isinstance(entry, str) and not parallel) or (not self.tfds and isinstance(entry, Mapping))
+      expected = "a file path or glob, or {path: FILE, select: 'START:END'}"
+    ok = (isinstance(entry, str) and not parallel) or (self.format and isinstance(entry, Mapping))
     if not isinstance(split, str) or not ok:
       raise UserError(f"{where}: key 'splits': split {split!r} must map to {expected}, found "
                       f"{type(entry).__name__} {entry!r}")
+    if not self.format:
+      return
     if isinstance(entry, Mapping):
       files = ("source", "target") if parallel else ("path",)
-      unknown = [k for k in entry if k not in (*files, "select")]
+      unknown = [k for k in entry if k not in (*files, *keys)]
       missing = [k for k in files if not isinstance(entry.get(k), str)]
       if unknown or missing:
-        problem = (f"unknown key {unknown[0]!r}{did_you_mean(unknown[0], (*files, 'select'))}"
+        problem = (f"unknown key {unknown[0]!r}{did_you_mean(unknown[0], (*files, *keys))}"
                    if unknown else f"no {missing[0]!r}")
         raise UserError(f"{where}: key 'splits': split {split!r}: {problem}; expected {expected}")
-      if entry.get("select") is not None:
-        _parse_select(entry["select"], f"{self.where(f'splits.{split}.select')}: key 'splits': "
-                                       f"split {split!r}")
+    entry = entry if isinstance(entry, Mapping) else {"path": entry}
+    glob = next((entry[k] for k in ("path", "source", "target")
+                 if sources.is_glob(entry.get(k, ""))), None)
+    if glob is not None and parallel:
+      raise UserError(f"{where}: key 'splits': split {split!r}: {glob!r} is a glob, and format "
+                      "'parallel' pairs two single files line by line")
+    if entry.get("select") is not None:
+      where_select = f"{self.where(f'splits.{split}.select')}: key 'splits': split {split!r}"
+      sources.parse_select(entry["select"], where_select)
+      if glob is not None:
+        raise UserError(f"{where_select}: select slices a single file, and {glob!r} is a glob "
+                        "(a streamed split); split the files instead")
+    count = entry.get("num_examples")
+    if count is not None:
+      where_count = f"{self.where(f'splits.{split}.num_examples')}: key 'splits': split {split!r}"
+      if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+        raise UserError(f"{where_count}: num_examples must be an integer >= 0, found {count!r}")
+      if glob is None:
+        raise UserError(f"{where_count}: num_examples is for a glob (a streamed split); a single "
+                        "file is counted exactly as it is read")
 
   @property
   def metric_names(self) -> list[str]:
@@ -265,6 +326,9 @@ class TaskSpec:
   def source_description(self) -> str:
     if self.tfds:
       return f"tfds:{self.tfds}"
+    if self.source is not None:
+      config = self.source.get("config")
+      return f"hf:{self.source['hf']}" + (f":{config}" if config else "")
     paths = [self._split_files(s)[0][0] for s in self.splits]
     home = os.path.expanduser("~")
     path = paths[0] if paths else ""
@@ -279,6 +343,31 @@ class TaskSpec:
     files = [entry["source"], entry["target"]] if self.format == "parallel" else [entry["path"]]
     paths = [os.path.expandvars(os.path.expanduser(str(f))) for f in files]
     return [os.path.normpath(os.path.join(self.base_dir, p)) for p in paths], entry.get("select")
+
+  def streams(self, split: str) -> bool:
+    """Whether a split streams rather than being read whole: an HF dataset's, or a glob's."""
+    if self.source is not None:
+      return True
+    return self.format is not None and sources.is_glob(self._split_files(split)[0][0])
+
+
+def _source_splits(d: Mapping[str, Any], at: Callable[[str], str]) -> Any:
+  """The `splits` of a task over an HF dataset (`source:`): its split_map, {task split: HF split},
+  or, with data_files by split, those splits under their own names. `at(key)` says where a key
+  was written. What is not a mapping is left for validate to report."""
+  source = d["source"]
+  if "splits" in d:
+    raise UserError(f"{at('splits')}: key 'splits': a task with 'source' names its splits in "
+                    "source.split_map, e.g. {train: train, validation: test}")
+  if not isinstance(source, Mapping):
+    return {}
+  split_map = source.get("split_map")
+  if split_map is None and isinstance(source.get("data_files"), Mapping):
+    return {split: split for split in source["data_files"]}
+  if not isinstance(split_map, Mapping) or not split_map:
+    raise UserError(f"{at('source.split_map')}: key 'source': split_map must map the task's "
+                    "splits to the dataset's, e.g. {train: train, validation: validation}")
+  return dict(split_map)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -478,53 +567,74 @@ def format_record(spec: TaskSpec, record: Mapping[str, Any], where: str) -> dict
 
 
 # ---------------------------------------------------------------------------------------------
-# Sources.
+# Sources: what each spec asks of t5mix.sources.
 
 
-def _parse_select(select, where: str) -> tuple[str | None, str | None]:
-  """The START and END texts of `select: "START:END"` (integers or percentages)."""
-  m = re.fullmatch(r"\s*(-?\d+%?)?\s*:\s*(-?\d+%?)?\s*", str(select))
-  if not m:
-    raise UserError(f"{where}: select {select!r} is not 'START:END' (e.g. '0:90%', '90%:')")
-  return m.group(1), m.group(2)
+def _split_where(spec: TaskSpec, split: str) -> str:
+  return f"{spec.where(f'splits.{split}')}: key 'splits': split {split!r}"
 
 
-def _select(records: list, select: str | None, where: str) -> list:
-  """`select: "START:END"` with integers or percentages (e.g. "0:90%", "90%:"), in file order."""
-  if not select:
-    return records
-
-  def bound(text):
-    if text is None:
-      return None
-    if text.endswith("%"):
-      return round(len(records) * int(text[:-1]) / 100)
-    return int(text)
-
-  start, end = _parse_select(select, where)
-  return records[bound(start):bound(end)]
-
-
-@functools.lru_cache(maxsize=64)
-def _read_file(path: str, fmt: str, options: tuple, mtimes: tuple) -> list:
-  del mtimes  # part of the cache key: an edited file is read again
-  return formats.read(path, fmt, **dict(options))
+def _file_options(spec: TaskSpec, paths: Sequence[str]) -> tuple:
+  """The reading options of formats.iter_records for the task's files, as (name, value) pairs."""
+  return (("columns", tuple(spec.columns) if spec.columns else None),
+          ("token_column", spec.token_column), ("tag_column", spec.tag_column),
+          *((("target", paths[1]),) if spec.format == "parallel" else ()))
 
 
 def _file_records(spec: TaskSpec, split: str) -> list[dict[str, Any]]:
   paths, select = spec._split_files(split)
-  options = (("columns", tuple(spec.columns) if spec.columns else None),
-             ("token_column", spec.token_column), ("tag_column", spec.tag_column),
-             *((("target", paths[1]),) if spec.format == "parallel" else ()))
-  mtimes = tuple(os.path.getmtime(p) if os.path.exists(p) else 0.0 for p in paths)
-  records = _read_file(paths[0], spec.format, options, mtimes)
   where = f"{spec.where(f'splits.{split}.select')}: key 'splits': split {split!r}"
-  if spec.format == "squad_json" and select:
-    # Carve SQuAD splits by article so that no context is in two splits.
-    articles = sorted({r["article"] for r in records})
-    keep = set(_select(articles, select, where))
-    return [r for r in records if r["article"] in keep]
-  return _select(records, select, where)
+  return sources.file_records(paths, spec.format, _file_options(spec, paths), select, where)
+
+
+def _streamed_files(spec: TaskSpec, split: str) -> list[str]:
+  return sources.list_files(spec._split_files(split)[0][0], _split_where(spec, split))
+
+
+def _hf_split(spec: TaskSpec, split: str):
+  return sources.hf_split(spec.source, spec.splits[split], spec.base_dir,
+                          f"{spec.where('source')}: split {split!r}")
+
+
+def _hf_name(spec: TaskSpec, split: str) -> str:
+  """How errors name an HF split, e.g. `hf:imdb[train]` (then `:ROW`)."""
+  return f"{spec.source_description}[{spec.splits[split]}]"
+
+
+def _streamed_records(spec: TaskSpec, split: str) -> Iterator[tuple[dict[str, Any], str]]:
+  """(record, the file or dataset it is from) of a streamed split, read as they come: an HF
+  split a chunk of rows at a time, a glob's files in order."""
+  if spec.source is not None:
+    table, name = _hf_split(spec, split), _hf_name(spec, split)
+    for start in range(0, table.num_rows, sources.ROW_CHUNK):
+      stop = min(start + sources.ROW_CHUNK, table.num_rows)
+      for record in sources.hf_records(table, start, stop, spec.label):
+        yield record, name
+    return
+  options = dict(_file_options(spec, spec._split_files(split)[0]))
+  for path in _streamed_files(spec, split):
+    for record in formats.iter_records(path, spec.format, **options):
+      yield record, path
+
+
+def _check_first_record(spec: TaskSpec, split: str) -> None:
+  """The columns the task names, against the first record of a streamed split (_check_columns)."""
+  first = next(_streamed_records(spec, split), None)
+  if first is not None:
+    _check_columns(spec, *first)
+
+
+def _streamed_examples(spec: TaskSpec, split: str) -> Iterator[dict[str, str]]:
+  _check_first_record(spec, split)
+  for record, source in _streamed_records(spec, split):
+    yield format_record(spec, record, f"{source}:{record.get('_line', '?')}")
+
+
+def _hf_examples(spec: TaskSpec, split: str, start: int, stop: int) -> list[dict[str, str]]:
+  """The examples of rows [start, stop) of an HF split."""
+  name = _hf_name(spec, split)
+  return [format_record(spec, r, f"{name}:{r['_line']}")
+          for r in sources.hf_records(_hf_split(spec, split), start, stop, spec.label)]
 
 
 def _tfds_builder(spec: TaskSpec, data_dir: str | None):
@@ -592,23 +702,6 @@ def _tfds_records(spec: TaskSpec, split: str, data_dir: str | None) -> list[dict
   return records
 
 
-class _CountedSource(seqio.FunctionDataSource):
-  """A FunctionDataSource whose split sizes are counted on first use (seqio wants them upfront).
-
-  Counting reads the file (or TFDS metadata), so registering a task stays cheap.
-  """
-
-  def __init__(self, dataset_fn, splits, count_fn: Callable[[str], int]):
-    super().__init__(dataset_fn, splits=splits)
-    self._count_fn = count_fn
-    self._counts: dict[str, int] = {}
-
-  def num_input_examples(self, split: str) -> int:
-    if split not in self._counts:
-      self._counts[split] = self._count_fn(split)
-    return self._counts[split]
-
-
 # ---------------------------------------------------------------------------------------------
 # Building and registering seqio Tasks.
 
@@ -653,8 +746,10 @@ class _Task(seqio.Task):
     return super().output_features["targets"].vocabulary
 
 
-def examples(spec: TaskSpec, split: str) -> list[dict[str, str]]:
-  """The formatted text-to-text examples of a split (cached per process)."""
+def examples(spec: TaskSpec, split: str) -> Iterable[dict[str, str]]:
+  """The formatted text-to-text examples of a split: a list, cached per process, for a split read
+  whole (a file, TFDS); an iterator that reads as it goes for a streamed one (a glob, an HF
+  dataset)."""
   return _examples(spec, split)
 
 
@@ -673,6 +768,8 @@ def _examples_cached(spec: TaskSpec, split: str, data_dir: str | None):
 def _examples(spec: TaskSpec, split: str):
   if split not in spec.splits:
     raise UserError(f"task {spec.name!r} has no split {split!r}; it has {', '.join(spec.splits)}")
+  if spec.streams(split):
+    return _streamed_examples(spec, split)
   return _examples_cached(spec, split, TFDS_DATA_DIR)
 
 
@@ -686,7 +783,68 @@ def _count_examples(spec: TaskSpec, split: str) -> int:
         raise _tfds_bad_split(spec, split, e) from None
     # No split metadata: not prepared (reading fails with the "not prepared" error), or data
     # without metadata such as tfds.testing.mock_data's: count the records.
+  elif spec.source is not None:
+    return _hf_split(spec, split).num_rows  # the Arrow table's metadata
+  elif spec.streams(split):
+    entry = spec.splits[split]
+    if isinstance(entry, Mapping) and entry.get("num_examples") is not None:
+      return entry["num_examples"]
+    options = _file_options(spec, spec._split_files(split)[0])
+    # The pass formats every record (but plain text's, which cannot fail), so that a record the
+    # task cannot use is an error here, before training, rather than in the middle of tf.data.
+    count_file = None if _plain_text(spec) else functools.partial(_count_file, spec, options)
+    return sources.count_records(_streamed_files(spec, split), spec.format, options, count_file)
   return len(_examples(spec, split))
+
+
+def _count_file(spec: TaskSpec, options: tuple, path: str) -> int:
+  records = formats.iter_records(path, spec.format, **dict(options))
+  first = next(records, None)
+  if first is None:
+    return 0
+  _check_columns(spec, first, path)
+  count = 0
+  for record in itertools.chain([first], records):
+    format_record(spec, record, f"{path}:{record.get('_line', '?')}")  # a UserError if unusable
+    count += 1
+  return count
+
+
+def _plain_text(spec: TaskSpec) -> bool:
+  """Span corruption over plain text with the default template: tf.data alone reads such files
+  (sources.FileReader without a formatter), as no Python formatting is needed."""
+  return (spec.format == "text" and spec.kind == "text" and not spec.fields
+          and spec.template in (None, DEFAULT_TEMPLATES["text"]))
+
+
+def _example_keys(spec: TaskSpec) -> tuple[str, ...]:
+  """The features format_record makes for the task's kind."""
+  return ("inputs", "targets", *{"qa": ("answers",), "seq2seq": ("references",)}.get(spec.kind, ()))
+
+
+def _source(spec: TaskSpec) -> seqio.DataSource:
+  """The data source of a task (but a `text` task over TFDS, which seqio streams itself): splits
+  read whole, streamed files (globs), or an HF dataset's rows; counts on first use."""
+  count = functools.partial(_count_examples, spec)
+  check = functools.partial(_check_first_record, spec)
+  if spec.source is not None:
+    return sources.RowSource(list(spec.splits), count, functools.partial(_hf_examples, spec), check,
+                             _example_keys(spec))
+
+  def dataset_fn(split, shuffle_files, seed=None):
+    del shuffle_files, seed  # in-memory records; the Task shuffles examples
+    return _to_dataset(_examples(spec, split))
+
+  streamed = [split for split in spec.splits if spec.streams(split)]
+  whole = sources.CountedSource(dataset_fn, [s for s in spec.splits if s not in streamed], count)
+  if not streamed:
+    return whole
+  reader = sources.FileReader(spec.format, _file_options(spec, spec._split_files(streamed[0])[0]),
+                              None if _plain_text(spec) else functools.partial(format_record, spec),
+                              _example_keys(spec))
+  files = sources.StreamedFiles({s: spec._split_files(s)[0][0] for s in streamed}, reader, count,
+                                check, {s: _split_where(spec, s) for s in streamed})
+  return sources.SplitSources({s: files if s in streamed else whole for s in spec.splits})
 
 
 def _to_dataset(rows: list[dict[str, str]]) -> tf.data.Dataset:
@@ -712,28 +870,26 @@ def build_task(spec: TaskSpec) -> seqio.Task:
   """The seqio.Task for a spec (not registered)."""
   output_features = _output_features(
       get_vocabulary(spec.vocabulary or DEFAULT_VOCABULARY, spec.base_dir))
-
-  def dataset_fn(split, shuffle_files, seed=None):
-    del shuffle_files, seed  # in-memory records; the Task shuffles examples
-    return _to_dataset(_examples(spec, split))
-
   streaming_text = spec.kind == "text" and spec.tfds
   if streaming_text:
     source = seqio.TfdsDataSource(tfds_name=spec.tfds, splits=dict(spec.splits),
                                   tfds_data_dir=TFDS_DATA_DIR)
   else:
-    source = _CountedSource(dataset_fn, list(spec.splits), functools.partial(_count_examples, spec))
+    source = _source(spec)
 
   if spec.kind == "text":
     preprocessors = [
         *([span_corruption.text_to_targets] if streaming_text else []),
         seqio.preprocessors.tokenize,
+        # `t5mix cache` stores the tokens; span corruption's noise is drawn live, per epoch.
+        seqio.CacheDatasetPlaceholder(),
         functools.partial(span_corruption.span_corruption, noise_density=spec.noise_density,
                           mean_noise_span_length=spec.mean_noise_span_length),
         seqio.preprocessors.append_eos_after_trim,
     ]
-  else:
-    preprocessors = [seqio.preprocessors.tokenize, seqio.preprocessors.append_eos_after_trim]
+  else:  # trimming needs the run's lengths, so it comes after the cache
+    preprocessors = [seqio.preprocessors.tokenize, seqio.CacheDatasetPlaceholder(),
+                     seqio.preprocessors.append_eos_after_trim]
   task = _Task(spec.name, source=source, output_features=output_features,
                preprocessors=preprocessors, postprocess_fn=_postprocess_fn(spec),
                metric_fns=[METRICS[m] for m in spec.metric_names])

@@ -300,6 +300,8 @@ def train(c: config_lib.TrainConfig, workdir: str, *, init_from: str | None = No
   if not distributed.is_primary():  # one process writes files and reports for all
     log, quiet = (lambda *a, **k: None), True
   with registry.run_vocabulary(vocab):
+    if c.data.use_cached:  # before rates are computed: they count the cached examples
+      input_pipeline.use_caches(tasks, c.data.cache_dirs)
     # The model and which of its parameters train; the optimizer that trains them.
     mesh = partitioning.make_mesh(c.mesh)  # see partitioning.py: data x fsdp x model
     partitioning.check_batch_size(mesh, c.data.batch_size)
@@ -455,7 +457,8 @@ def training_batches(c: config_lib.TrainConfig, architecture: str, data_layout: 
   lengths = {"inputs": c.data.inputs_length, "targets": c.data.targets_length}
   dataset = input_pipeline.get_dataset(
       c.data.mixture, "train", lengths, seed=seed, shuffle=c.data.shuffle, pack=c.data.pack,
-      architecture=architecture, shard_info=partitioning.shard_info(data_layout))
+      architecture=architecture, shard_info=partitioning.shard_info(data_layout),
+      use_cached=c.data.use_cached)
   return iter(dataset.batch(data_layout["batch"], drop_remainder=True).prefetch(2))
 
 

@@ -15,8 +15,8 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "t5mix"
 # rank are siblings and import nothing of each other.
 LAYERS = [
     ("foundation", 0, {"errors", "distributed", "host_memory", "demo_data", "vocab"}),
-    ("data", 1, {"ner", "metrics", "formats", "span_corruption", "registry", "mixing",
-                 "definitions", "input_pipeline"}),
+    ("data", 1, {"ner", "metrics", "formats", "sources", "span_corruption", "registry", "mixing",
+                 "definitions", "input_pipeline", "cache"}),
     ("model", 1, {"peft", "model", "decode", "partitioning", "hf_interop"}),
     ("config", 2, {"config"}),
     ("checkpoints", 3, {"checkpoints", "tracking"}),

@@ -1,7 +1,10 @@
 """The file readers: records from each format, and one-line errors naming file and line."""
 
+import gzip
 import re
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from t5mix import formats
@@ -60,6 +63,27 @@ def test_conll_docstart_and_columns(fixtures_dir):
   assert chunks[1]["tags"] == ["B-NP", "I-NP"]
 
 
+def test_parquet_rows_by_row_group(tmp_path):
+  path = str(tmp_path / "d.parquet")
+  pq.write_table(pa.table({"sentence": ["a", "b", "c"], "label": [0, 1, 0],
+                           "tags": [["X"], [], ["Y", "Z"]]}), path, row_group_size=2)
+  assert formats.read(path, "parquet") == [
+      {"sentence": "a", "label": 0, "tags": ["X"], "_line": 0},
+      {"sentence": "b", "label": 1, "tags": [], "_line": 1},
+      {"sentence": "c", "label": 0, "tags": ["Y", "Z"], "_line": 2}]
+  assert formats.parquet_row_groups(path) == 2 and formats.count_records(path, "parquet") == 3
+
+
+def test_gzip_is_read_through(tmp_path):
+  path = tmp_path / "d.jsonl.gz"
+  path.write_bytes(gzip.compress(b'\xef\xbb\xbf{"a": 1}\n\n{"a": 2}\n'))
+  assert formats.read(str(path), "jsonl") == [{"a": 1, "_line": 1}, {"a": 2, "_line": 3}]
+  truncated = tmp_path / "t.txt.gz"
+  truncated.write_bytes(gzip.compress(b"one\ntwo\n" * 1000)[:-12])
+  with pytest.raises(UserError, match=rf"^{re.escape(str(truncated))}: cannot read \("):
+    formats.read(str(truncated), "text")
+
+
 def test_text(fixtures_dir):
   assert strip_lines(formats.read(str(fixtures_dir / "text.txt"), "text")) == [
       {"text": "The quick brown fox jumps over the lazy dog."},
@@ -90,6 +114,7 @@ def test_text(fixtures_dir):
     ("jsonl", b"", "{path}: file is empty"),
     ("conll", b"", "{path}: file is empty"),
     ("text", b"", "{path}: file is empty"),
+    ("parquet", b"PAR1 but not parquet", "{path}: not a Parquet file"),
 ])
 def test_reader_errors(tmp_path, fmt, content, message):
   path = tmp_path / f"data.{fmt}"

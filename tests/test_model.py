@@ -47,6 +47,10 @@ def test_config_errors(tmp_path):
     tiny(feed_forward_proj="swiglu")
   with pytest.raises(UserError, match="num_heads"):
     tiny(num_heads="4")
+  with pytest.raises(UserError, match="'remat' must be one of none, dots_saveable, full"):
+    tiny(remat="yes")
+  with pytest.raises(UserError, match="'scan_layers' must be a bool"):
+    tiny(scan_layers="true")
   with pytest.raises(UserError, match="unknown model config 'huge'"):
     load_model_config("huge")
   path = tmp_path / "m.yaml"

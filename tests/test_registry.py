@@ -331,7 +331,7 @@ def from_dict(**changes):
     (dict(splits={}), r"key 'splits' must map split names to files"),
     (dict(kind="regression"), r"key 'kind': 'regression' is not one of"),
     (dict(format="xml"), r"key 'format': 'xml' is not one of"),
-    (dict(tfds="glue/sst2"), r"give exactly one of 'format' \(local files\) or 'tfds'"),
+    (dict(tfds="glue/sst2"), r"give exactly one of 'format' \(local files\), 'tfds' or 'source'"),
     (dict(name="bad name"), r"key 'name': 'bad name' is not a valid task name"),
     (dict(kind="ner", scheme="bilou2"), r"key 'scheme': 'bilou2' is not one of iob1, iob2, bioes, "
                                         r"iobes, bilou \(did you mean 'bilou'\?\)"),

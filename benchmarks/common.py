@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import statistics
 import sys
 import time
 
@@ -56,3 +57,23 @@ def timed(fn, *args) -> tuple[float, object]:
   out = fn(*args)
   jax.block_until_ready(out)
   return time.perf_counter() - t, out
+
+
+def produce_rates(datasets: dict, windows: int, batches: int) -> dict:
+  """{name: (median examples/s, each window's, examples counted, the first batch)} of datasets of
+  packed batches: `windows` windows of `batches` batches each, alternating between the datasets
+  window by window (so that a change in the machine's load falls on all of them), after each one's
+  first batch (which builds its pipeline). An example is a packed row's segment, counted where its
+  decoder positions restart."""
+  iterators = {name: ds.as_numpy_iterator() for name, ds in datasets.items()}
+  firsts = {name: next(it) for name, it in iterators.items()}
+  rates, examples = {name: [] for name in datasets}, dict.fromkeys(datasets, 0)
+  for _ in range(windows):
+    for name, it in iterators.items():
+      window, t = 0, time.perf_counter()
+      for _ in range(batches):
+        b = next(it)
+        window += int(((b["decoder_positions"] == 0) & (b["decoder_segment_ids"] > 0)).sum())
+      rates[name].append(window / (time.perf_counter() - t))
+      examples[name] += window
+  return {name: (statistics.median(r), r, examples[name], firsts[name]) for name, r in rates.items()}

@@ -29,7 +29,7 @@ import json
 import statistics
 import time
 
-from common import numpy_batch, timed, train_stepper
+from common import numpy_batch, produce_rates, timed, train_stepper
 
 import seqio
 import tensorflow as tf
@@ -66,21 +66,6 @@ def breakdown(mixture, lengths):
           f"{in_graph_rate(ds, starts if pack else lambda ex: 1, 5000 if pack else 20000):,.0f} examples/s")
 
 
-def produce_rate(ds, args) -> tuple[float, list[float], int, dict]:
-  """(median examples/s, each window's, examples counted, the first batch) of packed batches."""
-  it = ds.as_numpy_iterator()
-  first = next(it)  # builds the pipeline
-  rates, examples = [], 0
-  for _ in range(args.windows):
-    window, t = 0, time.perf_counter()
-    for _ in range(args.batches):
-      b = next(it)
-      window += int(((b["decoder_positions"] == 0) & (b["decoder_segment_ids"] > 0)).sum())
-    rates.append(window / (time.perf_counter() - t))
-    examples += window
-  return statistics.median(rates), rates, examples, first
-
-
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--batches", type=int, default=50)
@@ -108,11 +93,10 @@ def measure(args):
   modes = [False] + ([True] if args.cache_dir else [])
   if args.cache_dir:
     input_pipeline.use_caches(input_pipeline.leaf_tasks(args.mixture), [args.cache_dir])
-  produced = {}
-  for use_cached in modes:
-    ds = input_pipeline.get_dataset(args.mixture, "train", lengths, seed=0, pack=True,
-                                    use_cached=use_cached)
-    produced[use_cached] = produce_rate(ds.batch(args.batch, drop_remainder=True).prefetch(2), args)
+  batched = {use_cached: input_pipeline.get_dataset(
+      args.mixture, "train", lengths, seed=0, pack=True, use_cached=use_cached
+  ).batch(args.batch, drop_remainder=True).prefetch(2) for use_cached in modes}
+  produced = produce_rates(batched, args.windows, args.batches)  # uncached and cached alternate
   produce, rates, examples, first = produced[False]
   provider = seqio.get_mixture_or_task(args.mixture)
   vocab = provider.output_features["targets"].vocabulary

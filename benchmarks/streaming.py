@@ -86,7 +86,7 @@ def remove_counts(corpus: str) -> None:
 def measure(args) -> None:
   """The subprocess of step 2: prints one JSON line."""
   sys.path.insert(0, HERE)
-  from common import numpy_batch, pipeline, timed, train_stepper
+  from common import numpy_batch, pipeline, produce_rates, timed, train_stepper
 
   import seqio
 
@@ -100,16 +100,9 @@ def measure(args) -> None:
   t = time.perf_counter()  # a task built afresh reads the count from the file beside the data
   assert registry.build_task(task.t5mix_spec).num_input_examples("train") == count
   cached_s = time.perf_counter() - t
-  it = pipeline(TASK, LENGTHS["inputs"], LENGTHS["targets"], BATCH, pack=True).as_numpy_iterator()
-  first = next(it)  # builds the pipeline
-  rates, examples = [], 0
-  for _ in range(args.windows):
-    window, t = 0, time.perf_counter()
-    for _ in range(args.batches):
-      b = next(it)
-      window += int(((b["decoder_positions"] == 0) & (b["decoder_segment_ids"] > 0)).sum())
-    rates.append(window / (time.perf_counter() - t))
-    examples += window
+  ((_, rates, examples, first),) = produce_rates(
+      {TASK: pipeline(TASK, LENGTHS["inputs"], LENGTHS["targets"], BATCH, pack=True)},
+      args.windows, args.batches).values()
   vocab = task.output_features["targets"].vocabulary
   step = train_stepper(args.model, (vocab.vocab_size + 127) // 128 * 128, num_tasks=1)
   batch = numpy_batch(first)

@@ -5,6 +5,7 @@ weights at the same budget.
     python benchmarks/text_to_text.py [--workdir /tmp/t5mix-text-to-text] [--scale 1.0]
                                       [--parts 0,w,d,m] [--max-examples N]
                                       [--results benchmarks/RESULTS.md] [--json FILE]
+                                      [--report-only]
 
 Every step is an ordinary t5mix command, printed before it runs, over the task file this script
 writes, WORKDIR/tasks.yaml (kind seq2seq over ../shared/data, registered like a user's files):
@@ -29,7 +30,8 @@ Step counts are fixed, so the same command gives the same numbers. They aim at 3
 run (training and evaluation) on 2 CPU cores, as estimated from a --scale 0.01 smoke run's step
 times; no full-size run has checked that yet, and a run over it is flagged under the table.
 --scale multiplies them (0.01 for a smoke run). Runs already
-finished in --workdir are reused, and an interrupted one resumes (WORKDIR/runs.json).
+finished in --workdir are reused, and an interrupted one resumes (WORKDIR/runs.json);
+--report-only runs nothing and prints (or writes, with --results) the table of those so far.
 """
 
 from __future__ import annotations

@@ -41,7 +41,8 @@ try:
   from seqio import beam_utils
 except ImportError as e:
   raise UserError(f"`t5mix cache` needs Apache Beam ({e.name} is not installed): "
-                  "pip install -e \".[cache]\"") from None
+                  "pip install -e \".[cache]\" && pip install --no-deps apache-beam==2.78.0 "
+                  "(README, Scaling out: Beam's declared protobuf cap is not kept)") from None
 
 RUNNERS = ("DirectRunner", "DataflowRunner", "FlinkRunner", "SparkRunner")
 # seqio_cache_tasks' default: more shards shuffle better when read (files are interleaved).

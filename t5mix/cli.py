@@ -100,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  "stats.*.json) under --output-dir; train on it with --cache-dir "
                                  "DIR --set data.use_cached=true. Options after `--` go to Beam, "
                                  "e.g. -- --direct_num_workers 2 --direct_running_mode "
-                                 "multi_processing. Needs the extra: pip install -e \".[cache]\".")
+                                 "multi_processing. Needs the extra: pip install -e \".[cache]\" && "
+                                 "pip install --no-deps apache-beam==2.78.0 (README, Scaling out).")
   p.add_argument("names", nargs="+", metavar="TASK_OR_MIXTURE", help="tasks or mixtures to cache")
   p.add_argument("--output-dir", required=True, metavar="DIR",
                  help="where the caches go (local, or gs:// and the like for a cluster runner)")
